@@ -1,0 +1,60 @@
+"""bnfold: fold BatchNorm into the linear ops around it, and prove the result equivalent.
+
+Public API (imports are lazy, so ``import bnfold`` pulls in neither onnxruntime nor torch)::
+
+    model, report = bnfold.fold_onnx("model.onnx")          # or a ModelProto
+    report = bnfold.fold_file("model.onnx", "folded.onnx")  # streams, for large files
+    module, report = bnfold.fold_module(torch_module)       # needs the [torch] extra
+    model_or_module, report = bnfold.fold(obj)              # dispatches on the type
+    result = bnfold.check("model.onnx", "folded.onnx")      # truthy when equivalent
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "fold",
+    "fold_onnx",
+    "fold_file",
+    "fold_module",
+    "check",
+    "bench",
+    "FoldReport",
+]
+
+
+def fold(obj, **kwargs):
+    """Fold an ONNX model (ModelProto or path) or a torch ``nn.Module``; return ``(folded, report)``."""
+    try:
+        import torch.nn as nn  # only if the caller has torch; never required
+    except ImportError:
+        nn = None
+    if nn is not None and isinstance(obj, nn.Module):
+        return fold_module(obj, **kwargs)
+    return fold_onnx(obj, **kwargs)
+
+
+def __getattr__(name):
+    if name in ("fold_onnx", "fold_file"):
+        from . import onnx_pass
+
+        return getattr(onnx_pass, name)
+    if name == "fold_module":
+        from . import torch_pass
+
+        return torch_pass.fold_module
+    if name == "check":
+        from . import verify
+
+        return verify.check
+    if name == "bench":
+        from . import bench as _bench
+
+        return _bench.bench
+    if name == "FoldReport":
+        from .report import FoldReport
+
+        return FoldReport
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

@@ -1,0 +1,57 @@
+"""The ``bnfold`` command. Each subcommand lives in its own module; this one only routes.
+
+``bnfold MODEL -o OUT`` is the ``fold`` command: the group treats a first argument that is
+not a command name as the start of a fold.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import __version__
+
+
+class _DefaultGroup(click.Group):
+    """A group whose default command is ``fold``, so ``bnfold IN -o OUT`` works."""
+
+    default_command = "fold"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version", "--debug"):
+            args = [self.default_command] + list(args)
+        elif len(args) > 1 and args[0] == "--debug" and args[1] not in self.commands and args[1] not in ("--help", "-h"):
+            args = [args[0], self.default_command] + list(args[1:])
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfold")
+@click.option("--debug", is_flag=True, help="Print tracebacks for errors (for bug reports).")
+def main(debug: bool) -> None:
+    """Fold BatchNorm layers into the linear ops before them, and prove the result equivalent.
+
+    \b
+    bnfold MODEL.onnx -o OUT.onnx     fold (the default command; see `bnfold fold --help`)
+    bnfold check ORIGINAL FOLDED      compare two models with onnxruntime
+    bnfold bench MODEL [OTHER]        measure onnxruntime latency
+    """
+    if debug:
+        os.environ["BNFOLD_DEBUG"] = "1"
+
+
+def _register() -> None:
+    from . import fold as _fold
+
+    main.add_command(_fold.fold)
+    try:  # commands added by later work register themselves if present
+        from . import verify_cmds as _verify
+
+        main.add_command(_verify.check)
+        main.add_command(_verify.bench)
+    except ImportError:
+        pass
+
+
+_register()

@@ -1,0 +1,52 @@
+"""What every command shares: turning failures into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+
+import click
+
+from ..errors import EXIT_INTERNAL, BnfoldError
+
+
+def fail(message: str, code: int) -> "NoReturn":  # noqa: F821
+    click.echo(f"bnfold: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func):
+    """Run a command body; map expected errors to their exit code and bugs to EXIT_INTERNAL.
+
+    A traceback is printed only with BNFOLD_DEBUG=1 (or the group's --debug flag).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except BnfoldError as exc:
+            _maybe_traceback()
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except MemoryError:
+            _maybe_traceback()
+            fail("out of memory", EXIT_INTERNAL)
+        except RecursionError:
+            _maybe_traceback()
+            fail("input nested too deeply", EXIT_INTERNAL)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+            _maybe_traceback()
+            fail(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it", EXIT_INTERNAL)
+
+    return wrapper
+
+
+def _maybe_traceback() -> None:
+    if os.environ.get("BNFOLD_DEBUG"):
+        traceback.print_exc()
