@@ -32,8 +32,12 @@ def fold(obj, **kwargs):
     except ImportError:
         nn = None
     if nn is not None and isinstance(obj, nn.Module):
-        return fold_module(obj, **kwargs)
-    return fold_onnx(obj, **kwargs)
+        from .torch_pass import fold_module as _fold_module
+
+        return _fold_module(obj, **kwargs)
+    from .onnx_pass import fold_onnx as _fold_onnx
+
+    return _fold_onnx(obj, **kwargs)
 
 
 def __getattr__(name):
