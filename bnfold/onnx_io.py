@@ -1,0 +1,306 @@
+"""Loading and saving ONNX models safely.
+
+Loading turns every failure into a :class:`bnfold.errors.BnfoldError` with one clear line,
+and checks each external-data reference before reading it: the location must be relative,
+stay inside the model's folder (no ``..``, no symbolic link out of it), and its offset and
+length must lie inside the data file.
+
+Saving is atomic: everything is written to temporary files in the destination folder and
+renamed into place only once complete, so a failure never leaves a half-written output and
+an existing output is replaced only on success. The model is streamed out tensor by tensor,
+so a full serialized copy of it is never held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import contextlib
+import shutil
+from typing import BinaryIO, Iterator, List, Optional, Set, Tuple
+
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
+
+from .errors import ExternalDataError, InputError, LimitError, OutputError
+
+PROTOBUF_LIMIT = 2**31 - 1  # a serialized protobuf message cannot exceed 2 GiB
+EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file when writing external data
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_model(path: str, load_external: bool = True) -> ModelProto:
+    """Parse the model at ``path`` and, if asked, read its external data (checked first)."""
+    return read_model(path, load_external)[0]
+
+
+def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[str]]:
+    """Like :func:`load_model`; also return the real paths of the external data files read."""
+    data = _read_file(path)
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except RecursionError:
+        raise LimitError(f"{path}: the model is nested too deeply to parse") from None
+    except Exception:
+        raise InputError(f"{path}: not an ONNX model (the protobuf is corrupt or truncated)") from None
+    del data
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
+    files: Set[str] = set()
+    if load_external:
+        files = load_external_data(model, os.path.dirname(os.path.abspath(path)))
+    return model, files
+
+
+def _read_file(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a model file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def iter_tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    """Every TensorProto in a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == AttributeProto.GRAPH:
+                yield from iter_tensors(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_tensors(g)
+
+
+def external_reference(tensor: TensorProto, base_dir: str) -> Tuple[str, int, Optional[int]]:
+    """Check a tensor's external-data entry; return (file path, offset, length or None)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    what = f"tensor '{tensor.name}'"
+    if not location:
+        raise ExternalDataError(f"{what}: external data without a location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]:
+        raise ExternalDataError(f"{what}: external data location '{location}' is absolute; refused")
+    norm = os.path.normpath(location)
+    if norm == ".." or norm.startswith(".." + os.sep) or norm.startswith("../"):
+        raise ExternalDataError(f"{what}: external data location '{location}' leaves the model's folder; refused")
+    full = os.path.join(base_dir, norm)
+    real_base = os.path.realpath(base_dir)
+    real = os.path.realpath(full)
+    if os.path.commonpath([real_base, real]) != real_base:
+        raise ExternalDataError(
+            f"{what}: external data location '{location}' resolves outside the model's folder "
+            "(through a symbolic link); refused"
+        )
+    if not os.path.isfile(real):
+        raise ExternalDataError(f"{what}: external data file '{location}' is missing")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ExternalDataError(f"{what}: external data offset or length is not a number") from None
+    size = os.path.getsize(real)
+    if offset < 0 or (length is not None and length < 0):
+        raise ExternalDataError(f"{what}: negative external data offset or length")
+    end = offset + (length if length is not None else 0)
+    if offset > size or end > size:
+        raise ExternalDataError(
+            f"{what}: external data [{offset}, {end}) lies past the end of '{location}' ({size} bytes)"
+        )
+    return real, offset, length
+
+
+def load_external_data(model: ModelProto, base_dir: str) -> Set[str]:
+    """Read every external tensor into ``raw_data`` after checking its reference.
+
+    Returns the real paths of the data files read.
+    """
+    handles = {}
+    try:
+        for tensor in iter_tensors(model.graph):
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            path, offset, length = external_reference(tensor, base_dir)
+            f = handles.get(path)
+            if f is None:
+                f = handles[path] = open(path, "rb")
+            f.seek(offset)
+            raw = f.read() if length is None else f.read(length)
+            tensor.raw_data = raw
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    except OSError as exc:
+        raise ExternalDataError(f"cannot read external data: {exc.strerror or exc}") from None
+    finally:
+        for f in handles.values():
+            f.close()
+    return set(handles)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_model(model: ModelProto, path: str, external: Optional[bool] = None) -> None:
+    """Write ``model`` to ``path`` atomically (see :func:`staged_output` and :func:`write_model`)."""
+    with staged_output(path) as staged:
+        write_model(model, staged, external)
+
+
+def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -> None:
+    """Write ``model`` to ``path``, with tensors in ``<name>.data`` beside it when ``external``.
+
+    ``external=None`` writes external data only when the model would exceed the 2 GiB protobuf
+    limit. When writing external data, ``model``'s large tensors are moved out of it.
+    """
+    if external is None:
+        external = model.ByteSize() > PROTOBUF_LIMIT - 2**20
+    try:
+        with open(path, "wb") as out:
+            if external:
+                with open(path + ".data", "wb") as data_out:
+                    _write_external(model, out, data_out, os.path.basename(path) + ".data")
+                    data_out.flush()
+                    os.fsync(data_out.fileno())
+            else:
+                write_streaming(model, out)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def staged_output(path: str, protect: Set[str] = frozenset()) -> Iterator[str]:
+    """Yield a path in a private staging folder beside ``path``; on success move what was
+    written there (the model and its ``.data`` file, if any) into place, else delete it.
+
+    So a failed run never leaves a half-written output, and an existing output is replaced
+    only when the whole run succeeds. ``protect`` lists real paths (the input and its data
+    files) that the output must not overwrite.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: is a directory")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{folder}: output folder does not exist")
+    for target in (path, path + ".data"):
+        if os.path.realpath(target) in protect:
+            raise OutputError(f"{target}: would overwrite the input model or its data; choose another output path")
+    try:
+        stage = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc})") from None
+    try:
+        staged = os.path.join(stage, os.path.basename(path))
+        yield staged
+        try:
+            if os.path.exists(staged + ".data"):
+                os.replace(staged + ".data", path + ".data")
+            os.replace(staged, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def shallow_copy(msg, skip: str):
+    """A copy of protobuf message ``msg`` without its field ``skip`` (which may be large)."""
+    out = type(msg)()
+    for field, value in msg.ListFields():
+        if field.name == skip:
+            continue
+        if _is_repeated(field):
+            getattr(out, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    return out
+
+
+def _is_repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 5; `label` is gone in 7
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+_GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INIT_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _key(field_number: int) -> bytes:
+    return _varint((field_number << 3) | 2)  # wire type 2: length-delimited
+
+
+def write_streaming(model: ModelProto, out: BinaryIO) -> None:
+    """Serialize ``model`` to ``out`` one main-graph initializer at a time.
+
+    The bytes parse to the same ModelProto: protobuf accepts fields in any order, so the
+    graph is written last and its initializers after its other fields.
+    """
+    head = shallow_copy(model, "graph").SerializeToString(deterministic=True)
+    graph_rest = shallow_copy(model.graph, "initializer").SerializeToString(deterministic=True)
+    inits = model.graph.initializer
+    sizes = [t.ByteSize() for t in inits]
+    init_key = _key(_INIT_FIELD)
+    graph_len = len(graph_rest) + sum(len(init_key) + len(_varint(s)) + s for s in sizes)
+    if len(head) + graph_len > PROTOBUF_LIMIT:
+        raise OutputError("the model exceeds the 2 GiB protobuf limit; write it with external data")
+    out.write(head)
+    out.write(_key(_GRAPH_FIELD) + _varint(graph_len))
+    out.write(graph_rest)
+    for t, size in zip(inits, sizes):
+        out.write(init_key + _varint(size))
+        out.write(t.SerializeToString(deterministic=True))
+
+
+def _write_external(model: ModelProto, out: BinaryIO, data_out: BinaryIO, data_name: str) -> None:
+    """Move large tensors' bytes to ``data_out`` and write the model, pointing at them, to ``out``.
+
+    This empties those tensors' ``raw_data`` in ``model`` (restoring them would mean holding a
+    second copy of every weight); callers pass a model they own.
+    """
+    offset = 0
+    for tensor in iter_tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+            continue
+        raw = tensor.raw_data
+        if len(raw) < EXTERNAL_THRESHOLD:
+            continue
+        pad = (-offset) % 4096  # page-aligned, so readers can memory-map each tensor
+        data_out.write(b"\0" * pad)
+        offset += pad
+        data_out.write(raw)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(raw)
+        del raw
+    write_streaming(model, out)

@@ -1,0 +1,223 @@
+"""An index over one ONNX graph: who produces and who consumes each value, and which values
+are constants. Built once per graph (linear in its size) and kept up to date by the rewrites.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+import numpy as np
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper, numpy_helper
+
+from ..affine import Refusal
+
+FLOAT_TYPES = {
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.DOUBLE: "float64",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+def subgraphs(node: NodeProto) -> Iterator[Tuple[str, GraphProto]]:
+    """The subgraphs held in a node's attributes (If branches, Loop/Scan bodies, ...)."""
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
+
+
+def free_names(graph: GraphProto) -> Set[str]:
+    """Names a subgraph reads from enclosing scopes (used but not defined inside it)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    used: Set[str] = set()
+    for node in graph.node:
+        defined.update(node.output)
+        used.update(node.input)
+        for _, sub in subgraphs(node):
+            used |= free_names(sub)
+    used.update(o.name for o in graph.output)
+    used.discard("")
+    return used - defined
+
+
+def node_label(node: NodeProto) -> str:
+    """A name for reports: the node's name, or its op and first output when it has none."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def constant_node_tensor(node: NodeProto) -> Optional[TensorProto]:
+    """The value of a ``Constant`` node as a TensorProto (None for sparse or unknown forms)."""
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+            return attr.t
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
+    return None
+
+
+class Scope:
+    """The constants visible in one graph: its own initializers and Constant nodes, then the
+    enclosing graphs'. An initializer that a graph input of the same name can override
+    (IR version 4 and later) is not a constant.
+    """
+
+    def __init__(self, graph: GraphProto, ir_version: int, parent: Optional["Scope"] = None) -> None:
+        self.parent = parent
+        self.ir_version = ir_version
+        self.inputs = {i.name for i in graph.input}
+        self.initializers: Dict[str, TensorProto] = {t.name: t for t in graph.initializer}
+        self.constants: Dict[str, TensorProto] = {}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                t = constant_node_tensor(node)
+                if t is not None:
+                    self.constants[node.output[0]] = t
+
+    def tensor(self, name: str, what: str) -> TensorProto:
+        """The constant behind ``name``, or a :class:`Refusal` saying why it is not one."""
+        scope: Optional[Scope] = self
+        while scope is not None:
+            if name in scope.initializers:
+                if name in scope.inputs and scope.ir_version >= 4:
+                    raise Refusal(
+                        "overridable-initializer",
+                        f"{what} '{name}' is an initializer that graph input '{name}' can override",
+                    )
+                return scope.initializers[name]
+            if name in scope.constants:
+                return scope.constants[name]
+            if name in scope.inputs:
+                raise Refusal("not-constant", f"{what} '{name}' is a graph input")
+            scope = scope.parent
+        raise Refusal("not-constant", f"{what} '{name}' is computed at run time")
+
+    def array(self, name: str, what: str) -> np.ndarray:
+        t = self.tensor(name, what)
+        try:
+            return numpy_helper.to_array(t)
+        except Exception as exc:  # sizes that disagree with the data, unknown types
+            raise Refusal("unreadable-constant", f"{what} '{name}' cannot be read: {exc}") from None
+
+
+class GraphIndex:
+    """Producers and consumers of every value in one graph.
+
+    A node whose subgraph reads an outer value counts as a consumer of it, so a value read
+    inside an If branch is never taken to have a single user.
+    """
+
+    def __init__(self, graph: GraphProto) -> None:
+        self.graph = graph
+        self.producer: Dict[str, NodeProto] = {}
+        self.consumers: Dict[str, List[NodeProto]] = defaultdict(list)
+        self.outputs = {o.name for o in graph.output}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in set(node.input):
+                if name:
+                    self.consumers[name].append(node)
+            for name in self._subgraph_reads(node):
+                if node not in self.consumers[name]:
+                    self.consumers[name].append(node)
+
+    @staticmethod
+    def _subgraph_reads(node: NodeProto) -> Set[str]:
+        reads: Set[str] = set()
+        for _, sub in subgraphs(node):
+            reads |= free_names(sub)
+        return reads
+
+    def sole_consumer(self, name: str) -> Optional[NodeProto]:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 else None
+
+    def rename_output(self, node: NodeProto, old: str, new: str) -> None:
+        """Make ``node`` produce ``new`` instead of ``old`` (the rewrites' one index update)."""
+        for i, out in enumerate(node.output):
+            if out == old:
+                node.output[i] = new
+        self.producer.pop(old, None)
+        self.consumers.pop(old, None)
+        self.producer[new] = node
+
+    def replace_input(self, node: NodeProto, old: str, new: str) -> None:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        users = self.consumers.get(old, [])
+        if node in users and old not in node.input:
+            users.remove(node)
+        if node not in self.consumers[new]:
+            self.consumers[new].append(node)
+
+
+class Names:
+    """Every name used anywhere in the model, so new ones never clash."""
+
+    def __init__(self, graphs: Iterable[GraphProto]) -> None:
+        self.taken: Set[str] = set()
+        for g in graphs:
+            self.taken.update(i.name for i in g.input)
+            self.taken.update(o.name for o in g.output)
+            self.taken.update(v.name for v in g.value_info)
+            self.taken.update(t.name for t in g.initializer)
+            self.taken.update(t.values.name for t in g.sparse_initializer)
+            for node in g.node:
+                self.taken.update(node.input)
+                self.taken.update(node.output)
+                if node.name:
+                    self.taken.add(node.name)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.taken:
+            n += 1
+            name = f"{base}_{n}"
+        self.taken.add(name)
+        return name
+
+
+def all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    """The graph and every subgraph nested in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
+def attr(node: NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def float_dtype(t: TensorProto, what: str):
+    """The numpy dtype of a float tensor; refuse other element types."""
+    if t.data_type not in FLOAT_TYPES:
+        raise Refusal(
+            "unsupported-dtype",
+            f"{what} '{t.name}' has element type {TensorProto.DataType.Name(t.data_type)}",
+        )
+    return helper.tensor_dtype_to_np_dtype(t.data_type)

@@ -1,0 +1,103 @@
+"""The edits a rule may make to one graph. Rules compute everything first and only then call
+these, so a refused fold leaves the graph untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Set
+
+import numpy as np
+from onnx import GraphProto, NodeProto, numpy_helper
+
+from ..report import FoldReport
+from .graph import GraphIndex, Names, Scope, node_label
+
+
+class GraphRewrite:
+    """One graph being folded: its index, its constants and the pending edits."""
+
+    def __init__(
+        self,
+        graph: GraphProto,
+        scope: Scope,
+        names: Names,
+        report: FoldReport,
+        path: str,
+        opset: int,
+        ranks: Callable[[], Dict[str, int]],
+    ) -> None:
+        self.graph = graph
+        self.scope = scope
+        self.index = GraphIndex(graph)
+        self.names = names
+        self.report = report
+        self.path = path
+        self.opset = opset
+        self._ranks = ranks
+        self.removed: Set[int] = set()  # id() of nodes to drop
+        self.replaced: Dict[int, NodeProto] = {}  # id() of node -> node taking its place
+        self.orphans: List[str] = []  # values that may now be unused
+        self.gone_values: Set[str] = set()  # values that no longer exist
+
+    def rank(self, name: str) -> Optional[int]:
+        return self._ranks().get(name)
+
+    def add_initializer(self, base: str, value: np.ndarray) -> str:
+        name = self.names.fresh(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.scope.initializers[name] = self.graph.initializer[-1]
+        return name
+
+    def set_input(self, node: NodeProto, position: int, name: str) -> None:
+        """Point input ``position`` of ``node`` at ``name`` (appending empty inputs as needed)."""
+        while len(node.input) <= position:
+            node.input.append("")
+        old = node.input[position]
+        if old:
+            self.orphans.append(old)
+        node.input[position] = name
+        if old:
+            users = self.index.consumers.get(old, [])
+            if node in users and old not in node.input:
+                users.remove(node)
+        self.index.consumers[name].append(node)
+
+    def remove_bn(self, bn: NodeProto, producer: NodeProto, producer_output: str) -> None:
+        """Drop ``bn``; ``producer`` now writes the BN's output under the BN's name."""
+        self.orphans.extend(n for n in bn.input[1:] if n)
+        self.index.rename_output(producer, producer_output, bn.output[0])
+        self.gone_values.add(producer_output)
+        self.removed.add(id(bn))
+
+    def replace_node(self, old: NodeProto, new: NodeProto) -> None:
+        self.orphans.extend(n for n in old.input if n)
+        self.replaced[id(old)] = new
+        for out in new.output:
+            self.index.producer[out] = new
+        for name in new.input:
+            if name:
+                self.index.consumers[name].append(new)
+
+    def folded(self, bn: NodeProto, producer: NodeProto, rule: str) -> None:
+        self.report.add_folded(node_label(bn), node_label(producer), producer.op_type, rule, self.path)
+
+    def commit(self) -> None:
+        """Apply node removals and replacements, keeping the order of what remains."""
+        if not (self.removed or self.replaced):
+            return
+        kept = []
+        for node in self.graph.node:
+            if id(node) in self.removed:
+                continue
+            new = self.replaced.get(id(node))
+            kept.append(node if new is None else new)
+        # Messages taken from a repeated field stay valid after it is cleared (protobuf
+        # detaches them); extend() copies them back in.
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+        if self.gone_values:
+            vi = [v for v in self.graph.value_info if v.name not in self.gone_values]
+            if len(vi) != len(self.graph.value_info):
+                del self.graph.value_info[:]
+                self.graph.value_info.extend(vi)
+
