@@ -341,7 +341,6 @@ def _resolve_shapes(iface: _Interface, shapes: Mapping[str, Sequence[int]], npz:
                     symbols.setdefault(d, int(v))
     resolved: Dict[str, Shape] = {}
     notes: List[str] = []
-    noted = set()
     for spec in iface.inputs:
         if spec.name in npz:
             resolved[spec.name] = tuple(npz[spec.name].shape)
@@ -351,28 +350,33 @@ def _resolve_shapes(iface: _Interface, shapes: Mapping[str, Sequence[int]], npz:
             continue
         if spec.dims is None:
             raise InputError(f"input '{spec.name}' has no shape in the model; give one with --shape {spec.name}:DIMS")
-        dims = []
-        for axis, d in enumerate(spec.dims):
-            if isinstance(d, int):
-                dims.append(d)
-                continue
-            if isinstance(d, str) and d in symbols:
-                dims.append(symbols[d])
-                continue
+        dims, chosen = _default_dims(spec, symbols)
+        resolved[spec.name] = tuple(dims)
+        if chosen:
+            text = _dims_text(dims)
+            notes.append(
+                f"dynamic dims of input '{spec.name}' set to {', '.join(chosen)} (shape {text}); "
+                f"use --shape {spec.name}:{text} to choose"
+            )
+    return resolved, notes
+
+
+def _default_dims(spec: TensorSpec, symbols: Dict[str, int]) -> Tuple[List[int], List[str]]:
+    """Fill the dynamic dims of ``spec`` (binding new symbols in ``symbols``); list the choices made."""
+    dims: List[int] = []
+    chosen: List[str] = []
+    for axis, d in enumerate(spec.dims or []):
+        if isinstance(d, int):
+            dims.append(d)
+        elif isinstance(d, str) and d in symbols:
+            dims.append(symbols[d])
+        else:
             value = DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_OTHER_DIM
             if isinstance(d, str):
                 symbols[d] = value
-                key = d
-                what = f"dynamic dim '{d}'"
-            else:
-                key = (spec.name, axis)
-                what = f"unnamed dynamic dim {axis}"
-            if key not in noted:
-                noted.add(key)
-                notes.append(f"{what} of input '{spec.name}' set to {value}; use --shape {spec.name}:... to choose")
+            chosen.append(f"{d if isinstance(d, str) else f'dim {axis}'}={value}")
             dims.append(value)
-        resolved[spec.name] = tuple(dims)
-    return resolved, notes
+    return dims, chosen
 
 
 def _explicit_shape(spec: TensorSpec, given: Shape) -> Shape:
@@ -986,10 +990,10 @@ def check(
 
 
 def _with_shape_hint(message: str, notes: List[str]) -> str:
-    chosen = [n for n in notes if n.startswith(("dynamic dim", "unnamed dynamic dim"))]
+    chosen = [n.split(";")[0] for n in notes if n.startswith("dynamic dims")]
     if not chosen:
         return message
-    return f"{message} (bnfold chose dynamic dims: {'; '.join(n.split(';')[0] for n in chosen)}; set them with --shape)"
+    return f"{message} ({'; '.join(chosen)} by bnfold: set them with --shape)"
 
 
 def _interface_problems(orig: _Interface, fold: _Interface) -> List[str]:
