@@ -19,6 +19,7 @@ import contextlib
 import shutil
 from typing import BinaryIO, Iterator, List, Optional, Set, Tuple
 
+import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
 from .errors import ExternalDataError, InputError, LimitError, OutputError
@@ -121,6 +122,32 @@ def external_reference(tensor: TensorProto, base_dir: str) -> Tuple[str, int, Op
             f"{what}: external data [{offset}, {end}) lies past the end of '{location}' ({size} bytes)"
         )
     return real, offset, length
+
+
+def tensor_array(tensor: TensorProto) -> "np.ndarray":
+    """The value of ``tensor`` as a numpy array.
+
+    A tensor whose data stays in a file (bnfold's lazy loading keeps untouched weights on
+    disk) points at it with an *absolute*, already validated location; it is read here on
+    demand. Everything else goes through onnx's own conversion.
+    """
+    from onnx import numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not os.path.isabs(location):
+        raise ExternalDataError(f"tensor '{tensor.name}': external data was not loaded")
+    with open(location, "rb") as f:
+        f.seek(int(info.get("offset", "0")))
+        raw = f.read(int(info["length"])) if "length" in info else f.read()
+    loaded = TensorProto()
+    loaded.CopyFrom(tensor)
+    del loaded.external_data[:]
+    loaded.data_location = TensorProto.DEFAULT
+    loaded.raw_data = raw
+    return numpy_helper.to_array(loaded)
 
 
 def load_external_data(model: ModelProto, base_dir: str) -> Set[str]:

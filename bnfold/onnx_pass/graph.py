@@ -103,9 +103,11 @@ class Scope:
         raise Refusal("not-constant", f"{what} '{name}' is computed at run time")
 
     def array(self, name: str, what: str) -> np.ndarray:
+        from ..onnx_io import tensor_array  # reads weights kept on disk by lazy loading
+
         t = self.tensor(name, what)
         try:
-            return numpy_helper.to_array(t)
+            return tensor_array(t)
         except Exception as exc:  # sizes that disagree with the data, unknown types
             raise Refusal("unreadable-constant", f"{what} '{name}' cannot be read: {exc}") from None
 
