@@ -883,7 +883,8 @@ def _compare_float(stats: OutputStats, exp_list, act_list, tol, atol, rtol, give
     nan_mismatch = np.isnan(e) != np.isnan(a)
     # Infinities (and a finite value against an infinity) must be equal; NaN==NaN is handled above.
     other_nonfinite = ~both & ~np.isnan(e) & ~np.isnan(a) & (e != a)
-    diff = np.where(both, np.abs(a - e), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: masked out just below
+        diff = np.where(both, np.abs(a - e), 0.0)
     bad = both & (diff > stats.atol + stats.rtol * np.abs(e))
     stats.nonfinite_mismatch = int(np.count_nonzero(nan_mismatch | other_nonfinite))
     stats.failing = int(np.count_nonzero(bad)) + stats.nonfinite_mismatch
