@@ -1,0 +1,160 @@
+"""``fold_module``: fold BatchNorm into the conv/linear modules before it, in an ``nn.Module``."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError
+from ..report import FoldReport
+from . import _observe
+from ._plan import Applied, Observation, apply, decide, unverified
+
+METHODS = ("auto", "fx", "export", "hooks")
+METHOD_NAMES = {"fx": "torch.fx", "export": "torch.export", "hooks": "forward-hooks"}
+
+
+class TrainingModeError(InputError, ValueError):
+    """The module is in training mode: its BatchNorms use batch statistics, nothing can fold."""
+
+
+class ModelTraceError(InputError):
+    """No method could see the model's dataflow (and no example inputs were given to observe it)."""
+
+
+def examples_of(example_inputs, example_kwargs=None, more_examples: Sequence = ()) -> List[_observe.Example]:
+    """Normalize example inputs to ``[(args, kwargs), ...]``; a lone tensor is one argument."""
+    out: List[_observe.Example] = []
+    if example_inputs is not None or example_kwargs:
+        out.append((_as_args(example_inputs), dict(example_kwargs or {})))
+    out.extend((_as_args(e), {}) for e in more_examples)
+    return out
+
+
+def _as_args(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    raise TypeError(f"example inputs must be a tensor or a tuple of arguments, not {type(value).__name__}")
+
+
+def fold_module(
+    module: nn.Module,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    allow_training: bool = False,
+    method: str = "auto",
+    example_kwargs: Optional[Dict[str, Any]] = None,
+    more_examples: Sequence = (),
+) -> Tuple[nn.Module, FoldReport]:
+    """Fold every BatchNorm that directly follows a Conv/ConvTranspose (1-3d) or Linear module.
+
+    Returns ``(folded, report)``. ``folded`` is a deep copy of ``module`` in eval mode (the
+    module itself with ``inplace=True``) whose producers carry the folded weights and whose
+    folded BNs are replaced by ``nn.Identity``; ``report`` lists each BN folded or left, with a
+    reason code, and the method that found the pairs.
+
+    Preconditions: ``module`` is in eval mode, or ``allow_training=True`` (then the copy is put
+    in eval mode and folded with the BNs' running statistics). ``example_inputs`` (a tensor or a
+    tuple of positional arguments, on the module's device) lets bnfold propagate shapes, which
+    Conv1d/Linear + BatchNorm1d need, and observe models that torch.fx cannot trace.
+    ``method``: "auto" (torch.fx, then torch.export, then forward hooks), or one of them.
+
+    Raises TrainingModeError (training mode without ``allow_training``), ModelTraceError (no
+    method could see the dataflow), or ValueError (unknown method).
+    """
+    start = time.perf_counter()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fold_module takes an nn.Module, not {type(module).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if module.training and not allow_training:
+        raise TrainingModeError(
+            f"{type(module).__name__} is in training mode, where BatchNorm uses batch statistics; "
+            "call .eval() first, or pass allow_training=True to fold with the running statistics"
+        )
+    target = module if inplace else copy.deepcopy(module)
+    notes = []
+    if target.training:
+        target.eval()
+        notes.append("the model was in training mode; it was put in eval mode (allow_training=True)")
+    examples = examples_of(example_inputs, example_kwargs, more_examples)
+    obs, graph = _observe_any(target, examples, method)
+    report = FoldReport(method=obs.method, notes=notes + obs.notes)
+    actions = decide(target, obs, report)
+    applied = apply(target, actions)
+    problem = _verify(target, obs, graph, examples, applied)
+    if problem:
+        applied.undo()
+        unverified(report, problem)
+    report.seconds = time.perf_counter() - start
+    return target, report
+
+
+def _observe_any(root: nn.Module, examples, method: str) -> Tuple[Observation, Optional[torch.fx.Graph]]:
+    """Try the methods in order; the first that sees the whole dataflow wins."""
+    order = ["fx", "export", "hooks"] if method == "auto" else [method]
+    failures = []
+    for name in order:
+        if name != "fx" and not examples:
+            failures.append(f"{METHOD_NAMES[name]} needs example inputs")
+            continue
+        try:
+            if name == "fx":
+                obs, graph = _observe.observe_fx(root, examples)
+            else:
+                obs, graph = _run(name, root, examples), None
+        except Exception as exc:  # each method fails in its own ways; the next one may work
+            failures.append(f"{METHOD_NAMES[name]}: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        obs.notes[:0] = [f"{f} (fell back)" for f in failures]
+        return obs, graph
+    hint = "" if examples else "; pass example_inputs so bnfold can observe real calls"
+    raise ModelTraceError("cannot see the model's dataflow: " + "; ".join(failures) + hint)
+
+
+def _run(name: str, root, examples) -> Observation:
+    observe: Callable = {"export": _observe.observe_export, "hooks": _observe.observe_hooks}[name]
+    return observe(root, examples)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _verify(root, obs: Observation, graph, examples, applied: Applied) -> str:
+    """'' when the folded module provably calls no removed BN; else what went wrong.
+
+    A BN reached through a reference that is not a registered submodule (a plain list, say)
+    would still run after its registration is replaced; a re-trace (fx) or a run of the examples
+    with the removed BN objects watched (other methods) catches that.
+    """
+    if not applied.removed_bns:
+        return ""
+    if graph is not None:
+        try:
+            again = _observe.fx_graph(root)
+        except Exception as exc:
+            return f"re-tracing the folded module failed ({type(exc).__name__}: {_first_line(exc)})"
+        if _observe.fx_signature(again) != _observe.fx_signature(graph):
+            return "the folded module re-traces to different calls"
+        return ""
+    called = []
+    handles = [bn.register_forward_pre_hook(lambda m, a: called.append(m)) for bn in applied.removed_bns]
+    try:
+        with _observe.quiet_run(root):
+            for args, kwargs in examples:
+                root(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return "a removed BN is still called through a reference bnfold did not replace" if called else ""
