@@ -55,6 +55,47 @@ def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[s
     return model, files
 
 
+def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
+    """Like :func:`read_model`, but large main-graph weights stay on disk as stubs
+    (see :mod:`bnfold.onnx_wire`) until something reads them. For file-to-file folding:
+    the writer copies untouched weights through without ever holding them in memory.
+    """
+    from .onnx_wire import WireError, make_stub, read_lazy
+
+    _read_file_check(path)
+    try:
+        model, stub_positions = read_lazy(path)
+    except (WireError, OSError, ValueError, RecursionError):
+        return read_model(path)  # malformed: the full parser words the error
+    except Exception:  # protobuf's DecodeError and kin
+        return read_model(path)
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    stubs = set(stub_positions)
+    files: Set[str] = set()
+    for i, tensor in enumerate(model.graph.initializer):
+        if i in stubs or tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        real, offset, length = external_reference(tensor, base_dir)
+        if length is None:
+            length = os.path.getsize(real) - offset
+        make_stub(tensor, real, offset, length)
+        files.add(real)
+    # External tensors elsewhere (subgraphs, attributes) are few: read them now.
+    files |= _load_external_tensors(iter_tensors(model.graph, initializers=False), base_dir)
+    return model, files
+
+
+def _read_file_check(path: str) -> None:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a model file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: cannot read (permission denied)")
+
+
 def _read_file(path: str) -> bytes:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
@@ -67,9 +108,13 @@ def _read_file(path: str) -> bytes:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def iter_tensors(graph: GraphProto) -> Iterator[TensorProto]:
-    """Every TensorProto in a graph: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
+def iter_tensors(graph: GraphProto, initializers: bool = True) -> Iterator[TensorProto]:
+    """Every TensorProto in a graph: initializers and tensor attributes, subgraphs included.
+
+    ``initializers=False`` leaves out this graph's own initializers (not its subgraphs').
+    """
+    if initializers:
+        yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
@@ -131,7 +176,7 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     disk) points at it with an *absolute*, already validated location; it is read here on
     demand. Everything else goes through onnx's own conversion.
     """
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     if tensor.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor)
@@ -139,9 +184,16 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     location = info.get("location", "")
     if not os.path.isabs(location):
         raise ExternalDataError(f"tensor '{tensor.name}': external data was not loaded")
+    offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
+    if tensor.data_type in _PLAIN_TYPES:  # little-endian bytes as numpy lays them out
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if length != count * dtype.itemsize:
+            raise InputError(f"tensor '{tensor.name}': {length} bytes of data for {count} elements")
+        return np.fromfile(location, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
     with open(location, "rb") as f:
-        f.seek(int(info.get("offset", "0")))
-        raw = f.read(int(info["length"])) if "length" in info else f.read()
+        f.seek(offset)
+        raw = f.read(length) if length >= 0 else f.read()
     loaded = TensorProto()
     loaded.CopyFrom(tensor)
     del loaded.external_data[:]
@@ -150,14 +202,25 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     return numpy_helper.to_array(loaded)
 
 
+_PLAIN_TYPES = {
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
+    TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
+}
+
+
 def load_external_data(model: ModelProto, base_dir: str) -> Set[str]:
     """Read every external tensor into ``raw_data`` after checking its reference.
 
     Returns the real paths of the data files read.
     """
+    return _load_external_tensors(iter_tensors(model.graph), base_dir)
+
+
+def _load_external_tensors(tensors, base_dir: str) -> Set[str]:
     handles = {}
     try:
-        for tensor in iter_tensors(model.graph):
+        for tensor in tensors:
             if tensor.data_location != TensorProto.EXTERNAL:
                 continue
             path, offset, length = external_reference(tensor, base_dir)
@@ -193,7 +256,7 @@ def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -
     limit. When writing external data, ``model``'s large tensors are moved out of it.
     """
     if external is None:
-        external = model.ByteSize() > PROTOBUF_LIMIT - 2**20
+        external = model_size(model) > PROTOBUF_LIMIT
     try:
         with open(path, "wb") as out:
             if external:
@@ -244,18 +307,6 @@ def staged_output(path: str, protect: Set[str] = frozenset()) -> Iterator[str]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def shallow_copy(msg, skip: str):
     """A copy of protobuf message ``msg`` without its field ``skip`` (which may be large)."""
     out = type(msg)()
@@ -278,56 +329,98 @@ def _is_repeated(field) -> bool:
 
 _GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INIT_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-
-
-def _key(field_number: int) -> bytes:
-    return _varint((field_number << 3) | 2)  # wire type 2: length-delimited
+_RAW_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
 def write_streaming(model: ModelProto, out: BinaryIO) -> None:
     """Serialize ``model`` to ``out`` one main-graph initializer at a time.
 
     The bytes parse to the same ModelProto: protobuf accepts fields in any order, so the
-    graph is written last and its initializers after its other fields.
+    graph is written last and its initializers after its other fields. A lazy stub's bytes
+    are copied from its file into the tensor's ``raw_data``, never held in memory.
     """
+    from .onnx_wire import copy_range, is_stub, key, stub_source, varint
+
     head = shallow_copy(model, "graph").SerializeToString(deterministic=True)
     graph_rest = shallow_copy(model.graph, "initializer").SerializeToString(deterministic=True)
-    inits = model.graph.initializer
-    sizes = [t.ByteSize() for t in inits]
-    init_key = _key(_INIT_FIELD)
-    graph_len = len(graph_rest) + sum(len(init_key) + len(_varint(s)) + s for s in sizes)
+    pieces = []  # (header bytes or None, data size, stub source or None)
+    for t in model.graph.initializer:
+        if is_stub(t):
+            path, offset, length = stub_source(t)
+            header = _without_location(t).SerializeToString(deterministic=True) + key(_RAW_FIELD) + varint(length)
+            pieces.append((header, len(header) + length, (path, offset, length)))
+        else:  # serialized when written: holding them all would double their memory
+            pieces.append((None, t.ByteSize(), None))
+    init_key = key(_INIT_FIELD)
+    graph_len = len(graph_rest) + sum(len(init_key) + len(varint(size)) + size for _, size, _ in pieces)
     if len(head) + graph_len > PROTOBUF_LIMIT:
         raise OutputError("the model exceeds the 2 GiB protobuf limit; write it with external data")
     out.write(head)
-    out.write(_key(_GRAPH_FIELD) + _varint(graph_len))
+    out.write(key(_GRAPH_FIELD) + varint(graph_len))
     out.write(graph_rest)
-    for t, size in zip(inits, sizes):
-        out.write(init_key + _varint(size))
-        out.write(t.SerializeToString(deterministic=True))
+    for t, (header, size, src) in zip(model.graph.initializer, pieces):
+        out.write(init_key + varint(size))
+        if src:
+            out.write(header)
+            copy_range(*src, out)
+        else:
+            body = t.SerializeToString(deterministic=True)
+            if len(body) != size:
+                raise OutputError(f"tensor '{t.name}' changed size while being written")
+            out.write(body)
+            del body
+
+
+def _without_location(stub: TensorProto) -> TensorProto:
+    header = TensorProto()
+    header.CopyFrom(stub)
+    del header.external_data[:]
+    header.ClearField("data_location")
+    return header
 
 
 def _write_external(model: ModelProto, out: BinaryIO, data_out: BinaryIO, data_name: str) -> None:
     """Move large tensors' bytes to ``data_out`` and write the model, pointing at them, to ``out``.
 
     This empties those tensors' ``raw_data`` in ``model`` (restoring them would mean holding a
-    second copy of every weight); callers pass a model they own.
+    second copy of every weight) and repoints stubs at the new file; callers pass a model they own.
     """
+    from .onnx_wire import copy_range, is_stub, make_stub, stub_source
+
     offset = 0
     for tensor in iter_tensors(model.graph):
-        if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        stub = is_stub(tensor)
+        if not stub and (tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data")):
             continue
-        raw = tensor.raw_data
-        if len(raw) < EXTERNAL_THRESHOLD:
+        length = stub_source(tensor)[2] if stub else len(tensor.raw_data)
+        if length < EXTERNAL_THRESHOLD and not stub:
             continue
         pad = (-offset) % 4096  # page-aligned, so readers can memory-map each tensor
         data_out.write(b"\0" * pad)
         offset += pad
-        data_out.write(raw)
-        tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        offset += len(raw)
-        del raw
+        if stub:
+            copy_range(*stub_source(tensor), data_out)
+        else:
+            data_out.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+        make_stub(tensor, data_name, offset, length)
+        offset += length
     write_streaming(model, out)
+
+
+def model_size(model: ModelProto) -> int:
+    """An estimate of the serialized size of ``model``: its tensors' data plus 64 MiB.
+
+    (protobuf's ByteSize() serializes the whole model to answer, which costs seconds and a
+    full copy in memory for a large one.)
+    """
+    from onnx import helper
+
+    total = 64 << 20
+    for t in iter_tensors(model.graph):
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except Exception:
+            itemsize = 8
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total

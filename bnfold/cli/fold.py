@@ -50,12 +50,12 @@ def fold(model, output, dry_run, verbose, json_path, check, seed, shapes):
 
 
 def _fold_onnx(model, output, dry_run, verbose, json_path, check, seed, shapes):
-    from ..onnx_io import read_model, staged_output, write_model
+    from ..onnx_io import read_model_lazy, staged_output, write_model
     from ..onnx_pass import fold_model_proto
 
     start = time.perf_counter()
     src = os.path.abspath(model)
-    proto, data_files = read_model(src)
+    proto, data_files = read_model_lazy(src)
     report = fold_model_proto(proto)
     verdict = None
     if not dry_run:
