@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import click
 
-from ..errors import EXIT_MISMATCH, InputError
+from ..errors import InputError
 from ._common import fail, handles_errors
 
 # Files that can only be read by unpickling, which runs arbitrary code.
@@ -20,9 +19,13 @@ PICKLE_REFUSAL = (
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
-              help="Where to write the folded model (required unless --dry-run).")
+              help="Where to write the folded model (one input).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=str),
+              help="Fold several models (files or folders of .onnx files) into this folder.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Models folded in parallel (processes), with --out-dir.")
 @click.option("--dry-run", is_flag=True, help="Report what would be folded; write nothing.")
 @click.option("-v", "--verbose", is_flag=True, help="List every BatchNorm with its producer and its fate.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
@@ -33,12 +36,25 @@ PICKLE_REFUSAL = (
 @click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
               help="Size dynamic input dims for the check, e.g. input:1x3x224x224 (repeatable).")
 @handles_errors
-def fold(model, output, dry_run, verbose, json_path, check, seed, shapes):
+def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
     """Fold every BatchNorm that follows a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
 
     The folded model is checked against the original with onnxruntime (graph optimizations
     disabled, seeded random inputs) before it is written; a mismatch writes nothing and exits 1.
+
+    \b
+    bnfold model.onnx -o folded.onnx
+    bnfold a.onnx b.onnx models/ --out-dir folded/ -j 2
     """
+    shape_map = _parse_shapes(shapes)
+    if out_dir is not None or len(models) > 1:
+        if output:
+            raise click.UsageError("use --out-dir (not -o) with several models")
+        if not out_dir and not dry_run:
+            raise click.UsageError("give --out-dir DIR for several models (or --dry-run)")
+        _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed, shape_map)
+        return
+    model = models[0]
     if not dry_run and not output:
         raise click.UsageError("give -o OUT (or --dry-run to only report)")
     if model.lower().endswith(PICKLE_SUFFIXES):
@@ -46,36 +62,77 @@ def fold(model, output, dry_run, verbose, json_path, check, seed, shapes):
     if model.lower().endswith(".pt2"):
         _fold_program(model, output, dry_run, verbose, json_path)
         return
-    _fold_onnx(model, output, dry_run, verbose, json_path, check, seed, shapes)
+    from ..pipeline import fold_path
+
+    outcome = fold_path(model, None if dry_run else output, check=check, seed=seed, shapes=shape_map)
+    if outcome.report is not None:
+        _print_outcome(outcome, verbose, dry_run, check)
+    if json_path and outcome.report is not None:
+        _write_json(json_path, outcome.report.to_json())
+    if not outcome.ok:
+        fail(outcome.error, outcome.exit_code)
 
 
-def _fold_onnx(model, output, dry_run, verbose, json_path, check, seed, shapes):
-    from ..onnx_io import read_model_lazy, staged_output, write_model
-    from ..onnx_pass import fold_model_proto
-
-    start = time.perf_counter()
-    src = os.path.abspath(model)
-    proto, data_files = read_model_lazy(src)
-    report = fold_model_proto(proto)
-    verdict = None
-    if not dry_run:
-        protect = {os.path.realpath(src)} | data_files
-        with staged_output(output, protect=protect) as staged:
-            write_model(proto, staged, external=True if data_files else None)
-            del proto  # written; free it before onnxruntime loads both models
-            if check:
-                verdict = _check(src, staged, seed, shapes)
-                report.extra["check"] = verdict.to_dict()
-                if not verdict:
-                    _finish(report, verdict, verbose, json_path, start, output, dry_run)
-                    fail("the folded model does not match the original; nothing written", EXIT_MISMATCH)
-    _finish(report, verdict, verbose, json_path, start, output, dry_run)
+def _print_outcome(outcome, verbose, dry_run, check):
+    report = outcome.report
+    click.echo(report.summary(verbose=verbose))
+    if outcome.verdict is not None:
+        click.echo(_indent(outcome.verdict.summary()))
+    elif not dry_run and not check:
+        click.echo("  check: skipped (--no-check)")
+    if dry_run:
+        click.echo("  dry run: nothing written")
+    elif outcome.ok:
+        click.echo(f"  wrote {outcome.output} in {outcome.seconds:.2f} s")
 
 
-def _check(original, folded, seed, shapes):
-    from ..verify import check as run_check
+def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
+    import json
+    import sys
 
-    return run_check(original, folded, seed=seed, shapes=_parse_shapes(shapes))
+    from ..pipeline import batch_exit_code, collect_jobs, fold_many
+
+    pairs = collect_jobs(models, out_dir or ".")
+    if dry_run:
+        pairs = [(src, None) for src, _ in pairs]
+    lines = []
+
+    def on_done(outcome):
+        lines.append(_batch_line(outcome))
+        if not bar_shown:
+            click.echo(lines[-1])
+
+    bar_shown = sys.stderr.isatty() and len(pairs) > 1
+    options = dict(workers=jobs, check=check, seed=seed, shapes=shapes)
+    if bar_shown:
+        with click.progressbar(length=len(pairs), label="folding", file=sys.stderr) as bar:
+            outcomes = fold_many(pairs, on_done=lambda o: (on_done(o), bar.update(1)), **options)
+        click.echo("\n".join(lines))
+    else:
+        outcomes = fold_many(pairs, on_done=on_done, **options)
+    failed = sum(not o.ok for o in outcomes)
+    folded = sum(o.report.n_folded for o in outcomes if o.report is not None)
+    click.echo(f"{len(outcomes) - failed} of {len(outcomes)} model(s) done, {failed} failed; {folded} BatchNorm(s) folded")
+    if verbose:
+        for o in outcomes:
+            if o.report is not None:
+                click.echo(f"{o.source}:\n" + _indent(o.report.summary(verbose=True)))
+    if json_path:
+        summary = {"models": [o.to_dict() for o in outcomes],
+                   "summary": {"total": len(outcomes), "failed": failed, "folded_bns": folded}}
+        _write_json(json_path, json.dumps(summary, indent=2))
+    code = batch_exit_code(outcomes)
+    if code:
+        fail(f"{failed} of {len(outcomes)} model(s) failed", code)
+
+
+def _batch_line(outcome):
+    if outcome.ok:
+        r = outcome.report
+        total = r.n_folded + r.n_skipped
+        where = f" -> {outcome.output}" if outcome.output else ""
+        return f"ok    {outcome.source}{where}: folded {r.n_folded} of {total} in {outcome.seconds:.2f} s"
+    return f"FAIL  {outcome.source}: {outcome.error} [exit {outcome.exit_code}]"
 
 
 def _parse_shapes(specs):
@@ -89,21 +146,6 @@ def _parse_shapes(specs):
         if not sep or not name:
             raise InputError(f"--shape {spec!r}: expected NAME:DIMS such as input:1x3x224x224")
     return shapes
-
-
-def _finish(report, verdict, verbose, json_path, start, output, dry_run):
-    report.extra["total_seconds"] = round(time.perf_counter() - start, 6)
-    click.echo(report.summary(verbose=verbose))
-    if verdict is not None:
-        click.echo(_indent(verdict.summary()))
-    elif not dry_run:
-        click.echo("  check: skipped (--no-check)")
-    if dry_run:
-        click.echo("  dry run: nothing written")
-    elif verdict is None or verdict:
-        click.echo(f"  wrote {output} in {report.extra['total_seconds']:.2f} s")
-    if json_path:
-        _write_json(json_path, report.to_json())
 
 
 def _indent(text):
@@ -125,8 +167,11 @@ def _fold_program(model, output, dry_run, verbose, json_path):
         raise InputError(
             f"{model}: folding .pt2 programs needs PyTorch: pip install 'bnfold[torch]'"
         ) from None
-    start = time.perf_counter()
     if dry_run:
         raise click.UsageError("--dry-run is not supported for .pt2 programs yet")
+    start = time.perf_counter()
     report = fold_program_file(model, output)
-    _finish(report, None, verbose, json_path, start, output, dry_run)
+    click.echo(report.summary(verbose=verbose))
+    click.echo(f"  wrote {output} in {time.perf_counter() - start:.2f} s")
+    if json_path:
+        _write_json(json_path, report.to_json())

@@ -1,0 +1,183 @@
+"""File-to-file folding: one model (read lazily, folded, checked, written atomically), or many
+in parallel processes. The CLI is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, BnfoldError, InputError
+from .report import FoldReport
+
+ONNX_SUFFIX = ".onnx"
+
+
+@dataclass
+class FoldOutcome:
+    """What happened to one model. ``exit_code`` follows :mod:`bnfold.errors`."""
+
+    source: str
+    output: Optional[str]
+    exit_code: int = EXIT_OK
+    error: Optional[str] = None
+    report: Optional[FoldReport] = None
+    verdict: object = None  # a bnfold.verify.CheckResult when the check ran
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+    def to_dict(self) -> Dict:
+        out = {
+            "input": self.source,
+            "output": self.output if self.ok else None,
+            "status": "ok" if self.ok else ("mismatch" if self.exit_code == EXIT_MISMATCH else "error"),
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 6),
+        }
+        if self.error:
+            out["error"] = self.error
+        if self.report is not None:
+            out["report"] = self.report.to_dict()
+        return out
+
+
+def fold_path(
+    src: str,
+    dst: Optional[str],
+    *,
+    check: bool = True,
+    seed: int = 0,
+    shapes: Optional[Dict[str, List[int]]] = None,
+) -> FoldOutcome:
+    """Fold the ONNX model at ``src`` into ``dst`` (None: report only, write nothing).
+
+    The output goes to a staging folder beside ``dst`` and is moved into place only when
+    writing and the equivalence check both succeed. Expected failures come back in the
+    outcome (``exit_code``, ``error``); bugs propagate.
+    """
+    from .onnx_io import read_model_lazy, staged_output, write_model
+    from .onnx_pass import fold_model_proto
+
+    start = time.perf_counter()
+    outcome = FoldOutcome(os.fspath(src), None if dst is None else os.fspath(dst))
+    try:
+        source = os.path.abspath(src)
+        model, data_files = read_model_lazy(source)
+        outcome.report = fold_model_proto(model)
+        if dst is not None:
+            with staged_output(os.fspath(dst), protect={os.path.realpath(source)} | data_files) as staged:
+                write_model(model, staged, external=True if data_files else None)
+                del model  # written; free it before onnxruntime loads both models
+                if check:
+                    outcome.verdict = _check(source, staged, seed, shapes or {})
+                    outcome.report.extra["check"] = outcome.verdict.to_dict()
+                    if not outcome.verdict:
+                        raise _Mismatch()
+    except _Mismatch:
+        outcome.exit_code = EXIT_MISMATCH
+        outcome.error = "the folded model does not match the original; nothing written"
+    except BnfoldError as exc:
+        outcome.exit_code, outcome.error = exc.exit_code, str(exc)
+    outcome.seconds = time.perf_counter() - start
+    if outcome.report is not None:
+        outcome.report.extra["total_seconds"] = round(outcome.seconds, 6)
+    return outcome
+
+
+class _Mismatch(Exception):
+    """Raised inside the staging block so that nothing is moved into place."""
+
+
+def _check(original: str, folded: str, seed: int, shapes):
+    from .verify import check
+
+    return check(original, folded, seed=seed, shapes=shapes)
+
+
+# ---------------------------------------------------------------- many models
+
+
+def collect_jobs(inputs: Sequence[str], out_dir: str) -> List[Tuple[str, str]]:
+    """Pair each input model with its output path under ``out_dir``.
+
+    A file keeps its name; the models found under a directory (``*.onnx``, recursively)
+    keep their path relative to it. Two inputs that would land on one output are refused.
+    """
+    jobs: List[Tuple[str, str]] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(_onnx_files(item))
+            if not found:
+                raise InputError(f"{item}: no .onnx files in this directory")
+            jobs.extend((path, os.path.join(out_dir, os.path.relpath(path, item))) for path in found)
+        else:
+            jobs.append((item, os.path.join(out_dir, os.path.basename(item))))
+    seen: Dict[str, str] = {}
+    for src, dst in jobs:
+        key = os.path.abspath(dst)
+        if key in seen:
+            raise InputError(f"{seen[key]} and {src} would both be written to {dst}")
+        seen[key] = src
+    return jobs
+
+
+def _onnx_files(folder: str) -> Iterable[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".bnfold-"))
+        for name in files:
+            if name.lower().endswith(ONNX_SUFFIX):
+                yield os.path.join(root, name)
+
+
+def fold_many(
+    jobs: Sequence[Tuple[str, str]],
+    *,
+    workers: int = 1,
+    on_done: Optional[Callable[[FoldOutcome], None]] = None,
+    **options,
+) -> List[FoldOutcome]:
+    """Fold every ``(src, dst)`` pair, ``workers`` processes at a time; a bad model is
+    reported in its outcome and the others go on. Outcomes come back in job order.
+    """
+    results: Dict[int, FoldOutcome] = {}
+
+    def finish(i: int, outcome: FoldOutcome) -> None:
+        results[i] = outcome
+        if on_done is not None:
+            on_done(outcome)
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, (src, dst) in enumerate(jobs):
+            finish(i, _job(src, dst, options))
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_job, src, dst, options): i for i, (src, dst) in enumerate(jobs)}
+            for future in as_completed(futures):
+                finish(futures[future], future.result())
+    return [results[i] for i in range(len(jobs))]
+
+
+def _job(src: str, dst: str, options) -> FoldOutcome:
+    """One model in a worker: a crash becomes that model's error, never the batch's."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        outcome = fold_path(src, dst, **options)
+    except Exception as exc:  # a bug on one model must not stop the others
+        outcome = FoldOutcome(src, dst, EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc})")
+    outcome.verdict = None if outcome.verdict is None else outcome.verdict.to_dict()
+    return outcome
+
+
+def batch_exit_code(outcomes: Sequence[FoldOutcome]) -> int:
+    """1 if any check failed, else the first error's code, else 0."""
+    codes = [o.exit_code for o in outcomes if not o.ok]
+    if not codes:
+        return EXIT_OK
+    return EXIT_MISMATCH if EXIT_MISMATCH in codes else codes[0]
