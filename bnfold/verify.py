@@ -937,8 +937,12 @@ def check(
     ort_opt: str = "disable",
     provider: str = "cpu",
     threads: Optional[int] = None,
+    labels: Optional[Tuple[str, str]] = None,
 ) -> CheckResult:
     """Run both models (paths or ModelProtos) on the same seeded inputs; compare every output.
+
+    ``labels`` names the two models in messages and reports (default: their paths), e.g. when
+    ``folded`` is a temporary file that will be renamed.
 
     Returns a CheckResult, truthy iff every output matches under :data:`RULE` (see the module
     docstring for the default tolerances). Inputs are made from the *original* model's interface;
@@ -949,6 +953,14 @@ def check(
     start = time.perf_counter()
     orig_iface = _interface(original)
     fold_iface = _interface(folded)
+    if labels is not None:
+        orig_iface.label, fold_iface.label = labels
+    unknown = sorted(set(per_output_atol or {}) - {o.name for o in orig_iface.outputs})
+    if unknown:  # fail before running anything
+        raise InputError(
+            f"--atol names output(s) {', '.join(map(repr, unknown))} that {orig_iface.label} does not have "
+            f"(outputs: {', '.join(o.name for o in orig_iface.outputs)})"
+        )
     feeds, infos, notes = _make_inputs(orig_iface, seed, batches, shapes, value_range, inputs_npz)
     result_meta = dict(
         notes=notes,

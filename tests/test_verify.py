@@ -142,6 +142,14 @@ def test_wrong_fold_fails(tmp_path, layer, factor):
     assert result.summary().startswith("FAIL")
 
 
+def test_labels_name_the_models(tmp_path):
+    path = save(conv_bn_chain(layers=1), tmp_path / "tmp123.onnx")
+    result = verify.check(path, path, labels=("in.onnx", "out.onnx"))
+    assert result.models == {"original": "in.onnx", "folded": "out.onnx"} and "in.onnx vs out.onnx" in result.summary()
+    with pytest.raises(InputError, match="'zz'.*in.onnx"):
+        verify.check(path, path, labels=("in.onnx", "out.onnx"), per_output_atol={"zz": 1.0})
+
+
 def test_check_accepts_model_protos(tmp_path):
     model = conv_bn_chain(layers=2)
     assert verify.check(model, conv_bn_chain(layers=2, fold=True))
