@@ -74,7 +74,8 @@ def fold_path(
                 write_model(model, staged, external=True if data_files else None)
                 del model  # written; free it before onnxruntime loads both models
                 if check:
-                    outcome.verdict = _check(source, staged, seed, shapes or {})
+                    labels = (os.fspath(src), os.fspath(dst))
+                    outcome.verdict = _check(source, staged, seed, shapes or {}, labels)
                     outcome.report.extra["check"] = outcome.verdict.to_dict()
                     if not outcome.verdict:
                         raise _Mismatch()
@@ -93,10 +94,10 @@ class _Mismatch(Exception):
     """Raised inside the staging block so that nothing is moved into place."""
 
 
-def _check(original: str, folded: str, seed: int, shapes):
+def _check(original: str, folded: str, seed: int, shapes, labels):
     from .verify import check
 
-    return check(original, folded, seed=seed, shapes=shapes)
+    return check(original, folded, seed=seed, shapes=shapes, labels=labels)
 
 
 # ---------------------------------------------------------------- many models
