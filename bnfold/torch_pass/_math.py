@@ -89,3 +89,11 @@ def fold_tensors(
     w_new = from_numpy(cast_back(w64, np_dtype, f"weight of {name}"), weight.dtype, weight.device)
     c_new = from_numpy(cast_back(c64, np_dtype, f"bias of {name}"), weight.dtype, weight.device)
     return same_layout(w_new, weight), c_new
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy copy in the tensor's own dtype (bfloat16 as ml_dtypes.bfloat16), for comparisons."""
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(numpy_dtype(torch.bfloat16)).copy()
+    return t.numpy().copy()

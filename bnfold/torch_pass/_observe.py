@@ -174,8 +174,8 @@ def bn_eval_output(node: torch.fx.Node) -> Optional[List[torch.fx.Node]]:
         return None if training is not False else list(node.users)
     if name == "aten::_native_batch_norm_legit_no_training":
         users = list(node.users)
-        if all(u.target is operator.getitem and u.args[1] == 0 for u in users):
-            return [r for u in users for r in u.users]
+        if all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in users):
+            return [r for u in users if u.args[1] == 0 for r in u.users]
         return None
     return None
 
