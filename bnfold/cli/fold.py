@@ -136,16 +136,11 @@ def _batch_line(outcome):
 
 
 def _parse_shapes(specs):
-    shapes = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition(":")
-        try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise InputError(f"--shape {spec!r}: expected NAME:DIMS such as input:1x3x224x224")
-    return shapes
+    if not specs:
+        return {}
+    from ..verify import parse_shape  # one syntax for fold and check
+
+    return dict(parse_shape(spec) for spec in specs)
 
 
 def _indent(text):
