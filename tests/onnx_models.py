@@ -267,11 +267,38 @@ def ort_session(model: Union[onnx.ModelProto, str]):
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def float64_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a float64 model with every float64 tensor and type made float32.
+
+    For float64 convs, which onnxruntime's CPU provider cannot run and onnx's reference
+    evaluator gets wrong when grouped (ConvTranspose): the fold's layout is still checked,
+    at float32 precision. Handles initializers, Constant nodes and graph/value types.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for g in all_graphs(out.graph):
+        for i, t in enumerate(g.initializer):
+            if t.data_type == TensorProto.DOUBLE:
+                g.initializer[i].CopyFrom(make_tensor(t.name, numpy_helper.to_array(t).astype(np.float32)))
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.DOUBLE:
+                    a.t.CopyFrom(make_tensor(a.t.name, numpy_helper.to_array(a.t).astype(np.float32)))
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+                vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    return out
+
+
 def run_model(model: onnx.ModelProto, feeds: Dict[str, np.ndarray], runner: str = "ort") -> Dict[str, np.ndarray]:
-    """Outputs by name. ``runner`` is ``ort`` (ORT_DISABLE_ALL) or ``reference`` (onnx's
-    reference evaluator, for dtypes ORT's CPU provider has no kernels for, e.g. float64 Conv)."""
+    """Outputs by name. ``runner`` is ``ort`` (ORT_DISABLE_ALL), ``reference`` (onnx's
+    reference evaluator, for dtypes ORT's CPU provider has no kernels for, e.g. bfloat16), or
+    ``ort-f32`` (float64 tensors run as float32 by ORT; see :func:`float64_as_float32`)."""
     names = [o.name for o in model.graph.output]
-    if runner == "ort":
+    if runner == "ort-f32":
+        feeds = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in feeds.items()}
+        values = ort_session(float64_as_float32(model)).run(names, feeds)
+    elif runner == "ort":
         values = ort_session(model).run(names, feeds)
     elif runner == "reference":
         from onnx.reference import ReferenceEvaluator
