@@ -379,6 +379,7 @@ def test_refusal_leaves_other_bns_folded():
     h = g.bn(g.conv(x, "c1", 3, 4, (3, 3), pads=[1, 1, 1, 1]), "bn1", 4)
     h = g.node("Relu", [h], "r1", "relu1").output[0]
     h = g.bn(h, "bn_after_relu", 4)
+    h = g.node("Relu", [h], "r2", "relu2").output[0]  # no linear op on either side of the BN
     c2 = g.conv(h, "c2", 4, 4, (1, 1))
     h = g.bn(c2, "bn2", 4)
     g.output(h)
