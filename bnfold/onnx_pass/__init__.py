@@ -10,26 +10,30 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Dict, Tuple, Union
 
 from onnx import GraphProto, ModelProto, NodeProto
 
 from ..affine import Refusal
 from ..report import FoldReport
-from .bn import is_batchnorm, read_bn
-from .conv import fold_conv_bn
-from .gemm import fold_gemm_bn, fold_matmul_bn
-from .graph import GraphIndex, Names, Scope, all_graphs, node_label, subgraphs
+from .before import fold_bn_before
+from .bn import is_batchnorm
+from .chain import LINEAR, Refusals, fold_chain_after, is_linear
+from .graph import Names, Scope, all_graphs, node_label, subgraphs
+from .merge import merge_after_bn
+from .reasons import EXTRA_REASONS
 from .rewrite import GraphRewrite
 
-Rule = Callable[..., str]
-
-RULES: Dict[str, Rule] = {
-    "Conv": fold_conv_bn,
-    "ConvTranspose": fold_conv_bn,
-    "Gemm": fold_gemm_bn,
-    "MatMul": fold_matmul_bn,
-    "Add": fold_matmul_bn,  # MatMul -> Add(bias) -> BN
+# The rules, for documentation and tests: name -> what it folds.
+RULES: Dict[str, str] = {
+    "conv-bn": "Conv -> BN (also through Identity/Dropout)",
+    "convtranspose-bn": "ConvTranspose -> BN",
+    "gemm-bn": "Gemm -> BN",
+    "matmul-bn": "MatMul [-> Add] -> BN on a 2-D value",
+    "<op>-affine": "Conv/ConvTranspose/Gemm/MatMul -> Mul/Add/Sub/Div by a per-channel constant",
+    "<op>-layout-bn / <op>-layout-affine": "the same through Transpose/Reshape/Squeeze/Unsqueeze/Flatten",
+    "bn-conv / bn-gemm / bn-matmul / bn-flatten-gemm": "BN -> unpadded Conv, Gemm, 2-D MatMul, Flatten -> Gemm",
+    "bn-bn / bn-affine": "BN -> BN or Mul/Add/Sub/Div merged into the first BN",
 }
 
 ModelLike = Union[ModelProto, str, "os.PathLike[str]"]
@@ -73,17 +77,20 @@ def fold_model_proto(model: ModelProto) -> FoldReport:
     report = FoldReport(method="onnx-graph")
     opset = _default_opset(model)
     names = Names(all_graphs(model.graph))
-    ranks_cache: Dict[str, int] = {}
+    shapes_cache: Dict[str, tuple] = {}
 
-    def ranks() -> Dict[str, int]:
-        if not ranks_cache:
-            from .shapes import infer_ranks
+    def shapes() -> Dict[str, tuple]:
+        if not shapes_cache:
+            from .shapes import infer_shapes
 
-            ranks_cache.update(infer_ranks(model) or {"": 0})
-        return ranks_cache
+            shapes_cache.update(infer_shapes(model) or {"": ()})
+        return shapes_cache
 
-    orphans = []
-    _fold_graph(model.graph, Scope(model.graph, model.ir_version), names, report, "", opset, ranks, orphans)
+    # Inference runs on the untouched model: the rewrites rename values as they go.
+    if any(is_linear(n) or is_batchnorm(n) for g in all_graphs(model.graph) for n in g.node):
+        shapes()
+    orphans: list = []
+    _fold_graph(model.graph, Scope(model.graph, model.ir_version), names, report, "", opset, shapes, orphans)
     _drop_unused(model.graph, orphans)
     report.seconds = time.perf_counter() - start
     return report
@@ -97,46 +104,52 @@ def _default_opset(model: ModelProto) -> int:
 
 
 def _fold_graph(graph: GraphProto, scope: Scope, names: Names, report: FoldReport, path: str,
-                opset: int, ranks, orphans: list) -> None:
+                opset: int, shapes, orphans: list) -> None:
     for node in graph.node:
         for attr_name, sub in subgraphs(node):
             sub_path = f"{path}/{node_label(node)}.{attr_name}".lstrip("/")
             sub_scope = Scope(sub, scope.ir_version, parent=scope)
-            _fold_graph(sub, sub_scope, names, report, sub_path, opset, ranks, orphans)
-    rw = GraphRewrite(graph, scope, names, report, path, opset, ranks)
-    for node in list(graph.node):
-        if is_batchnorm(node):
-            _fold_one(rw, node)
+            _fold_graph(sub, sub_scope, names, report, sub_path, opset, shapes, orphans)
+    rw = GraphRewrite(graph, scope, names, report, path, opset, shapes)
+    handled: set = set()  # id() of BNs folded
+    refusals: Refusals = {}  # id() of a BN -> why the linear op before it could not take it
+    nodes = list(graph.node)
+    # 1. each linear op takes the affine chain after it (BNs, Mul/Add/Sub/Div, ...)
+    for node in nodes:
+        if is_linear(node) and id(node) not in rw.removed:
+            fold_chain_after(rw, node, handled, refusals)
+    # 2. each BN left merges what follows it, then tries the linear ops it feeds
+    for node in nodes:
+        if is_batchnorm(node) and id(node) not in handled and id(node) not in rw.removed:
+            _fold_leftover_bn(rw, node, handled, refusals)
     rw.commit()
     orphans.extend(rw.orphans)
 
 
-def _fold_one(rw: GraphRewrite, bn: NodeProto) -> None:
-    x = bn.input[0] if bn.input else ""
-    producer = rw.index.producer.get(x)
+def _fold_leftover_bn(rw: GraphRewrite, bn: NodeProto, handled: set, refusals: Refusals) -> None:
+    merge_after_bn(rw, bn, handled)
     label = node_label(bn)
     try:
-        if producer is None or producer.op_type not in RULES or producer.domain not in ("", "ai.onnx"):
-            what = "a graph input" if producer is None else f"{producer.op_type} '{node_label(producer)}'"
-            raise Refusal("no-linear-producer", f"the BN's input comes from {what}")
-        _check_sole_use(rw.index, x, bn)
-        affine = read_bn(bn, rw.scope)
-        rule = RULES[producer.op_type](rw, affine, producer, x)
-    except Refusal as why:
+        rule, users = fold_bn_before(rw, bn)
+    except Refusal as before:
+        producer = rw.index.producer.get(bn.input[0]) if bn.input else None
+        why = refusals.get(id(bn))
+        if why is None:
+            why = before if before.reason != "no-linear-consumer" else _no_producer(producer)
         p_label = node_label(producer) if producer is not None else None
         p_op = producer.op_type if producer is not None else None
         rw.report.add_skipped(label, why.reason, why.detail, p_label, p_op, rw.path)
         return
-    rw.folded(bn, producer, rule)
+    handled.add(id(bn))
+    rw.report.add_folded(label, ", ".join(node_label(u) for u in users), users[0].op_type, rule, rw.path)
 
 
-def _check_sole_use(index: GraphIndex, x: str, bn: NodeProto) -> None:
-    if x in index.outputs:
-        raise Refusal("producer-output-is-graph-output", f"'{x}' is a graph output")
-    users = index.consumers.get(x, [])
-    if len(users) != 1 or users[0] is not bn or list(bn.input).count(x) != 1:
-        others = ", ".join(node_label(n) for n in users if n is not bn) or "another input of the BN"
-        raise Refusal("producer-has-other-consumers", f"'{x}' is also read by {others}")
+def _no_producer(producer) -> Refusal:
+    if producer is None:
+        what = "a graph input or constant"
+    else:
+        what = f"{producer.op_type} '{node_label(producer)}'"
+    return Refusal("no-linear-producer", f"the BN's input comes from {what}")
 
 
 def _drop_unused(graph: GraphProto, candidates) -> None:

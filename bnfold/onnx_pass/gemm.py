@@ -1,7 +1,8 @@
-"""Rules: Gemm followed by BN, and MatMul (optionally followed by Add of a constant) followed by BN.
+"""Gemm and MatMul: absorb a per-output-feature affine map that follows them.
 
-Both produce ``[M, N]`` with the features on the last axis. The BN normalizes axis 1, so a
-fold is exact only when the output is 2-D: Gemm always is; MatMul's rank is proven from shapes.
+Both put their output features on the last axis. Gemm's output is always 2-D; a MatMul with a
+2-D constant weight keeps its input's rank, which may be unknown (the features are then still
+the last axis, which is all a right-aligned constant needs).
 """
 
 from __future__ import annotations
@@ -9,29 +10,42 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-from onnx import NodeProto, helper
+from onnx import NodeProto
 
 from ..affine import Refusal, cast_back, fold_after
-from .bn import BNAffine
 from .graph import attr, float_dtype, set_attr
+from .layout import Axis
 from .rewrite import GraphRewrite
 
 
-def fold_gemm_bn(rw: GraphRewrite, bn: BNAffine, gemm: NodeProto, x: str) -> str:
+def gemm_output_axis(rw: GraphRewrite, gemm: NodeProto) -> Tuple[Axis, int]:
+    weight = _gemm_weight(rw, gemm)
+    return Axis.known(2, 1), int(weight.shape[0 if attr(gemm, "transB", 0) else 1])
+
+
+def _gemm_weight(rw: GraphRewrite, gemm: NodeProto) -> np.ndarray:
     if rw.opset < 7:
         raise Refusal("unsupported-attribute", "Gemm before opset 7 has broadcast semantics bnfold does not fold")
-    w_t = rw.scope.tensor(gemm.input[1], "Gemm B")
-    dtype = float_dtype(w_t, "Gemm B")
+    if len(gemm.input) < 2:
+        raise Refusal("not-constant", "Gemm without a B input")
+    float_dtype(rw.scope.tensor(gemm.input[1], "Gemm B"), "Gemm B")
     weight = rw.scope.array(gemm.input[1], "Gemm B")
     if weight.ndim != 2:
         raise Refusal("not-per-channel", f"Gemm B has rank {weight.ndim}")
+    return weight
+
+
+def fold_into_gemm(rw: GraphRewrite, gemm: NodeProto, a: np.ndarray, b: np.ndarray) -> None:
+    """Make ``gemm`` compute ``a * gemm(x) + b`` per output feature; alpha and beta become 1."""
+    dtype = float_dtype(rw.scope.tensor(gemm.input[1], "Gemm B"), "Gemm B")
+    weight = _gemm_weight(rw, gemm)
     alpha = float(attr(gemm, "alpha", 1.0))
     beta = float(attr(gemm, "beta", 1.0))
     axis = 0 if attr(gemm, "transB", 0) else 1
-    w64, _ = fold_after(weight.astype(np.float64) * alpha, None, bn.a, bn.b, axis=axis)
+    w64, _ = fold_after(weight.astype(np.float64) * alpha, None, a, b, axis=axis)
     has_c = len(gemm.input) > 2 and bool(gemm.input[2])
     c = rw.scope.array(gemm.input[2], "Gemm C") if has_c else None
-    c64 = _fold_bias(None if c is None else c.astype(np.float64) * beta, bn)
+    c64 = fold_bias(None if c is None else c.astype(np.float64) * beta, a, b)
     new_w = cast_back(w64, dtype, "weight")
     new_c = cast_back(c64, dtype, "bias")
 
@@ -40,78 +54,45 @@ def fold_gemm_bn(rw: GraphRewrite, bn: BNAffine, gemm: NodeProto, x: str) -> str
     rw.set_input(gemm, 2, rw.add_initializer(f"{base}_bnfold_C", new_c))
     set_attr(gemm, "alpha", 1.0)
     set_attr(gemm, "beta", 1.0)
-    rw.remove_bn(bn.node, gemm, x)
-    return "gemm-bn"
 
 
-def _fold_bias(c64: Optional[np.ndarray], bn: BNAffine) -> np.ndarray:
+def fold_bias(c64: Optional[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``c * a + b`` for a bias that broadcasts against ``[M, N]`` (features on the last axis)."""
     if c64 is None:
-        return bn.b.copy()
-    if c64.ndim > 2 or (c64.ndim >= 1 and c64.shape[-1] not in (1, bn.channels)):
+        return b.copy()
+    if c64.ndim > 2 or (c64.ndim >= 1 and c64.shape[-1] not in (1, a.shape[0])):
         raise Refusal("not-per-channel", f"bias of shape {list(c64.shape)} does not broadcast per feature")
     if c64.ndim == 2:
-        return c64 * bn.a[None, :] + bn.b[None, :]
-    return c64 * bn.a + bn.b
+        return c64 * a[None, :] + b[None, :]
+    return c64 * a + b
 
 
-def fold_matmul_bn(rw: GraphRewrite, bn: BNAffine, node: NodeProto, x: str) -> str:
-    """MatMul -> BN, or MatMul -> Add(constant) -> BN (``node`` is the MatMul or the Add)."""
-    matmul, add, bias_pos = _matmul_and_add(rw, node)
-    w_t = rw.scope.tensor(matmul.input[1], "MatMul weight")
-    dtype = float_dtype(w_t, "MatMul weight")
+def matmul_output_axis(rw: GraphRewrite, matmul: NodeProto) -> Tuple[Axis, int]:
+    """Features on the last axis; the rank is the input's (a 2-D weight keeps it)."""
+    weight = _matmul_weight(rw, matmul)
+    rank = rw.rank(matmul.input[0])
+    axis = Axis.known(rank, rank - 1) if rank else Axis(None, None, -1, 1)
+    return axis, int(weight.shape[1])
+
+
+def _matmul_weight(rw: GraphRewrite, matmul: NodeProto) -> np.ndarray:
+    if len(matmul.input) != 2:
+        raise Refusal("not-constant", "MatMul without two inputs")
+    float_dtype(rw.scope.tensor(matmul.input[1], "MatMul weight"), "MatMul weight")
     weight = rw.scope.array(matmul.input[1], "MatMul weight")
     if weight.ndim != 2:
         raise Refusal("not-per-channel", f"MatMul weight has rank {weight.ndim}, expected 2")
-    rank = rw.rank(matmul.input[0])
-    if rank is None:
-        raise Refusal("shape-unknown", f"the rank of MatMul input '{matmul.input[0]}' is unknown")
-    if rank != 2:
-        raise Refusal(
-            "not-per-channel",
-            f"MatMul input is {rank}-D: the BN normalizes axis 1, the MatMul's features are the last axis",
-        )
-    w64, _ = fold_after(weight, None, bn.a, bn.b, axis=1)
-    bias = None if add is None else rw.scope.array(add.input[bias_pos], "Add bias").astype(np.float64)
-    c64 = _fold_bias(bias, bn)
-    new_w = cast_back(w64, dtype, "weight")
-    new_c = cast_back(c64, dtype, "bias")
+    return weight
 
+
+def fold_into_matmul(rw: GraphRewrite, matmul: NodeProto, a: np.ndarray, b: np.ndarray) -> Optional[np.ndarray]:
+    """Scale the MatMul's weight by ``a`` per output feature; return ``b`` in the weight's dtype
+    for an Add after it, or None when ``b`` is zero (a MatMul has no bias of its own)."""
+    dtype = float_dtype(rw.scope.tensor(matmul.input[1], "MatMul weight"), "MatMul weight")
+    weight = _matmul_weight(rw, matmul)
+    w64, c64 = fold_after(weight, None, a, b, axis=1)
+    new_w = cast_back(w64, dtype, "weight")
+    new_c = cast_back(c64, dtype, "bias") if np.any(c64 != 0) else None
     base = matmul.name or matmul.input[1]
     rw.set_input(matmul, 1, rw.add_initializer(f"{base}_bnfold_W", new_w))
-    c_name = rw.add_initializer(f"{base}_bnfold_bias", new_c)
-    if add is not None:
-        rw.set_input(add, bias_pos, c_name)
-        rw.remove_bn(bn.node, add, x)
-    else:
-        add = helper.make_node("Add", [x, c_name], [bn.node.output[0]], name=rw.names.fresh(f"{base}_bnfold_add"))
-        rw.replace_node(bn.node, add)
-    return "matmul-bn"
-
-
-def _matmul_and_add(rw: GraphRewrite, node: NodeProto) -> Tuple[NodeProto, Optional[NodeProto], int]:
-    """Split ``node`` into (MatMul, Add or None, position of the Add's constant input)."""
-    if node.op_type == "MatMul":
-        _check_matmul(rw, node)
-        return node, None, -1
-    # node is an Add: one input constant, the other a MatMul's output used only here
-    for pos in (0, 1):
-        other = node.input[1 - pos]
-        producer = rw.index.producer.get(other)
-        if producer is None or producer.op_type != "MatMul":
-            continue
-        try:
-            rw.scope.tensor(node.input[pos], "Add bias")
-        except Refusal:
-            continue
-        if rw.index.sole_consumer(other) is not node or other in rw.index.outputs:
-            raise Refusal("producer-has-other-consumers", f"MatMul output '{other}' is also used elsewhere")
-        _check_matmul(rw, producer)
-        return producer, node, pos
-    raise Refusal("no-linear-producer", "the BN follows an Add that is not MatMul + constant")
-
-
-def _check_matmul(rw: GraphRewrite, matmul: NodeProto) -> None:
-    if len(matmul.input) != 2:
-        raise Refusal("not-constant", "MatMul without two inputs")
-    rw.scope.tensor(matmul.input[1], "MatMul weight")
+    return new_c

@@ -24,7 +24,7 @@ class GraphRewrite:
         report: FoldReport,
         path: str,
         opset: int,
-        ranks: Callable[[], Dict[str, int]],
+        shapes: Callable[[], Dict[str, tuple]],
     ) -> None:
         self.graph = graph
         self.scope = scope
@@ -33,14 +33,21 @@ class GraphRewrite:
         self.report = report
         self.path = path
         self.opset = opset
-        self._ranks = ranks
+        self._shapes = shapes
+        self.inserted: Dict[int, List[NodeProto]] = {}  # id() of node -> nodes to place after it
+        self.const_cache: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
         self.removed: Set[int] = set()  # id() of nodes to drop
         self.replaced: Dict[int, NodeProto] = {}  # id() of node -> node taking its place
         self.orphans: List[str] = []  # values that may now be unused
         self.gone_values: Set[str] = set()  # values that no longer exist
 
+    def shape(self, name: str) -> Optional[tuple]:
+        """The inferred shape of ``name`` (dimensions None where unknown), or None."""
+        return self._shapes().get(name)
+
     def rank(self, name: str) -> Optional[int]:
-        return self._ranks().get(name)
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.names.fresh(base)
@@ -78,19 +85,52 @@ class GraphRewrite:
             if name:
                 self.index.consumers[name].append(new)
 
+    def drop_node(self, node: NodeProto) -> None:
+        """Remove ``node``; its inputs lose it as a consumer and become orphan candidates."""
+        self.removed.add(id(node))
+        for name in node.input:
+            if not name:
+                continue
+            users = self.index.consumers.get(name)
+            if users and node in users:
+                users.remove(node)
+
+    def insert_after(self, anchor: NodeProto, new: NodeProto) -> None:
+        """Place ``new`` right after ``anchor`` in the graph at commit; index its edges now."""
+        self.inserted.setdefault(id(anchor), []).append(new)
+        for out in new.output:
+            self.index.producer[out] = new
+        for name in new.input:
+            if name:
+                self.index.consumers[name].append(new)
+
+    def add_after(self, node: NodeProto, bias: str, base: str) -> NodeProto:
+        """Make ``node`` write a fresh value and add ``bias`` to it under the old output name
+        (a MatMul gaining a bias). Returns the new Add node."""
+        from onnx import helper
+
+        out = node.output[0]
+        fresh = self.names.fresh(f"{out}_bnfold_pre")
+        node.output[0] = fresh
+        self.index.producer[fresh] = node
+        add = helper.make_node("Add", [fresh, bias], [out], name=self.names.fresh(f"{base}_bnfold_add"))
+        self.insert_after(node, add)
+        return add
+
     def folded(self, bn: NodeProto, producer: NodeProto, rule: str) -> None:
         self.report.add_folded(node_label(bn), node_label(producer), producer.op_type, rule, self.path)
 
     def commit(self) -> None:
         """Apply node removals and replacements, keeping the order of what remains."""
-        if not (self.removed or self.replaced):
+        if not (self.removed or self.replaced or self.inserted):
             return
         kept = []
         for node in self.graph.node:
-            if id(node) in self.removed:
-                continue
-            new = self.replaced.get(id(node))
-            kept.append(node if new is None else new)
+            after = self.inserted.get(id(node), [])
+            if id(node) not in self.removed:
+                new = self.replaced.get(id(node))
+                kept.append(node if new is None else new)
+            kept.extend(after)
         # Messages taken from a repeated field stay valid after it is cleared (protobuf
         # detaches them); extend() copies them back in.
         del self.graph.node[:]

@@ -1,4 +1,4 @@
-"""Ranks of values, found by onnx shape inference on a copy of the model without tensor data.
+"""Ranks and shapes of values, found by onnx shape inference on a copy of the model without tensor data.
 
 Only rules that need a rank (MatMul: is its input 2-D?) ask, so models without such
 patterns never pay for inference. The copy keeps small integer initializers (Reshape
@@ -8,7 +8,7 @@ even for multi-GB models.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import onnx
 from onnx import ModelProto, TensorProto, helper
@@ -37,25 +37,33 @@ def _skeleton(model: ModelProto) -> ModelProto:
     return out
 
 
-def infer_ranks(model: ModelProto) -> Dict[str, int]:
-    """Map every value name whose rank inference (or the model) knows to that rank."""
+Shape = Tuple[Optional[int], ...]  # a dimension is None when not a known number
+
+
+def infer_shapes(model: ModelProto) -> Dict[str, Shape]:
+    """Map every value name whose rank inference (or the model) knows to its shape."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # inference is a help, never a requirement
         inferred = model
-    ranks: Dict[str, int] = {}
+    shapes: Dict[str, Shape] = {}
     for g in all_graphs(inferred.graph):
         for v in list(g.input) + list(g.output) + list(g.value_info):
-            rank = _rank(v)
-            if rank is not None:
-                ranks[v.name] = rank
+            shape = _shape(v)
+            if shape is not None:
+                shapes[v.name] = shape
         for t in g.initializer:
-            ranks[t.name] = len(t.dims)
-    return ranks
+            shapes[t.name] = tuple(int(d) for d in t.dims)
+    return shapes
 
 
-def _rank(value_info) -> Optional[int]:
+def infer_ranks(model: ModelProto) -> Dict[str, int]:
+    """Map every value name whose rank inference (or the model) knows to that rank."""
+    return {name: len(shape) for name, shape in infer_shapes(model).items()}
+
+
+def _shape(value_info) -> Optional[Shape]:
     t = value_info.type
     if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
-        return len(t.tensor_type.shape.dim)
+        return tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
     return None

@@ -1,0 +1,297 @@
+"""Rule: a linear op (Conv, ConvTranspose, Gemm, MatMul) followed by a chain of per-channel
+affine ops -- BatchNormalization, Mul/Add/Sub/Div by a constant -- possibly with inference
+no-ops (Identity, Dropout) and channel-keeping layout ops (Transpose, Reshape, Squeeze,
+Unsqueeze, Flatten) between them. The whole chain folds into the linear op.
+
+Pattern: follow the linear op's output from sole consumer to sole consumer. Check: each
+affine op is per channel on the axis where the channels are at that point (tracked through
+layout ops). Rewrite: scale the weights, drop the affine ops and no-ops; keep the layout ops,
+except Transposes that together are the identity permutation.
+
+Each node is looked at once per chain, and each chain starts at one linear op: linear in the
+graph's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+from onnx import NodeProto
+
+from ..affine import Refusal
+from .affine_ops import constant_operand, per_channel
+from .bn import is_batchnorm, read_bn
+from .consts import drop_dead_subgraph
+from .conv import conv_output_axis, fold_into_conv
+from .gemm import fold_into_gemm, fold_into_matmul, gemm_output_axis, matmul_output_axis
+from .graph import node_label
+from .affine_ops import AFFINE_OPS
+from .layout import LAYOUT_OPS, NOOP_OPS, Axis, is_layout, is_noop, map_layout, transpose_perm
+from .rewrite import GraphRewrite
+
+
+@dataclass
+class Linear:
+    kind: str  # the prefix of the rule names: conv, convtranspose, gemm, matmul
+    output_axis: Callable
+    fold: Callable
+
+
+LINEAR: Dict[str, Linear] = {
+    "Conv": Linear("conv", conv_output_axis, fold_into_conv),
+    "ConvTranspose": Linear("convtranspose", conv_output_axis, fold_into_conv),
+    "Gemm": Linear("gemm", gemm_output_axis, fold_into_gemm),
+    "MatMul": Linear("matmul", matmul_output_axis, fold_into_matmul),
+}
+
+
+@dataclass
+class Step:
+    """One node of a chain: ``kind`` is noop, layout, affine or bn; ``a``/``b`` its map."""
+
+    node: NodeProto
+    kind: str
+    a: Optional[np.ndarray] = None
+    b: Optional[np.ndarray] = None
+    const: str = ""  # the constant operand of an affine op
+    after_layout: bool = False  # a layout op lies between the linear op and this step
+
+
+PASSABLE = NOOP_OPS | LAYOUT_OPS | AFFINE_OPS
+Refusals = Dict[int, Refusal]  # id() of a BN -> why a linear op before it could not take it
+
+
+def is_linear(node: NodeProto) -> bool:
+    return node.op_type in LINEAR and node.domain in ("", "ai.onnx") and bool(node.output)
+
+
+def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Optional[Refusal]]:
+    """The sole reader of ``value``, or None and (when there are readers) why it is not alone."""
+    if value in rw.index.outputs:
+        return None, Refusal("producer-output-is-graph-output", f"'{value}' is a graph output")
+    users = rw.index.consumers.get(value, [])
+    if not users:
+        return None, None
+    if len(users) > 1:
+        names = ", ".join(node_label(n) for n in users)
+        return None, Refusal("producer-has-other-consumers", f"'{value}' is read by {names}")
+    node = users[0]
+    if list(node.input).count(value) != 1:
+        return None, Refusal("producer-has-other-consumers", f"'{value}' is read twice by {node_label(node)}")
+    if id(node) in rw.removed:
+        return None, None
+    return node, None
+
+
+def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals: Refusals) -> None:
+    """Fold the affine chain after ``linear``; record why BNs on it were refused in ``refusals``."""
+    spec = LINEAR[linear.op_type]
+    try:
+        axis, channels = spec.output_axis(rw, linear)
+    except Refusal as why:
+        for user in rw.index.consumers.get(linear.output[0], []):
+            for bn in [user] if is_batchnorm(user) else _bns_ahead(rw, user):
+                refusals.setdefault(id(bn), why)
+        return
+    steps, stopped = walk(rw, linear.output[0], axis, channels, refusals, allow_layout=True)
+    if stopped is not None:
+        node, why = stopped
+        rw.report.add_skipped(node_label(node), why.reason, why.detail, node_label(linear), linear.op_type, rw.path)
+    prefix = _foldable_prefix(steps)
+    if not prefix:
+        return
+    a, b = compose(prefix, channels)
+    drop_layout = _transposes_cancel(rw, prefix)
+    n_bn = sum(s.kind == "bn" for s in prefix)
+    removed = sum(s.kind != "layout" or drop_layout for s in prefix)
+    if spec.kind == "matmul" and n_bn == 0 and removed - bool(np.any(b != 0)) <= 0:
+        return  # MatMul -> Add(bias) alone is already as small as it gets
+    try:
+        bias = spec.fold(rw, linear, a, b)
+    except Refusal as why:
+        for s in prefix:
+            if s.kind == "bn":
+                refusals[id(s.node)] = why
+            elif s.kind == "affine":
+                rw.report.add_skipped(node_label(s.node), why.reason, why.detail, node_label(linear), linear.op_type, rw.path)
+        return
+    head = linear
+    if bias is not None:  # a MatMul's folded bias goes into an Add right after it
+        base = linear.name or linear.input[1]
+        head = rw.add_after(linear, rw.add_initializer(f"{base}_bnfold_bias", bias), base)
+    rewire(rw, head, prefix, drop_layout)
+    _report(rw, linear, spec.kind, prefix, handled)
+
+
+def walk(
+    rw: GraphRewrite, value: str, axis: Axis, channels: int, refusals: Refusals, allow_layout: bool
+) -> Tuple[List[Step], Optional[Tuple[NodeProto, Refusal]]]:
+    """The chain after ``value``: every step up to the first node that is not part of one.
+
+    Returns the steps and, when the chain ended at an affine op that was refused, that op and
+    why. A refused BN goes into ``refusals`` instead.
+    """
+    steps: List[Step] = []
+    seen_layout = False
+    while True:
+        node, why = next_link(rw, value)
+        if node is None:
+            if why is not None:
+                for user in rw.index.consumers.get(value, []):
+                    ahead = [user] if is_batchnorm(user) else _bns_ahead(rw, user)
+                    for bn in ahead:
+                        refusals.setdefault(id(bn), why)
+            return steps, None
+        if is_batchnorm(node):
+            try:
+                step = _bn_step(rw, node, value, axis, channels)
+            except Refusal as why:
+                refusals[id(node)] = why
+                return steps, None
+        elif is_noop(rw, node) and node.input[0] == value:
+            step = Step(node, "noop")
+        elif allow_layout and is_layout(node) and node.input[0] == value:
+            try:
+                axis = map_layout(rw, node, axis, channels)
+            except Refusal as why:
+                for bn in _bns_ahead(rw, node):
+                    refusals.setdefault(id(bn), why)
+                return steps, None
+            step = Step(node, "layout")
+            seen_layout = True
+        else:
+            operand = constant_operand(rw, node, value)
+            if operand is None:
+                return steps, None
+            try:
+                a, b = per_channel(node, operand[0], operand[1], axis, channels)
+            except Refusal as why:
+                return steps, (node, why)
+            step = Step(node, "affine", a, b, const=node.input[operand[0]])
+        step.after_layout = seen_layout
+        steps.append(step)
+        value = node.output[0]
+        axis = axis.with_rank(rw.rank(value))
+
+
+def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: int) -> Step:
+    affine = read_bn(bn, rw.scope)
+    if bn.input[0] != value:
+        raise Refusal("not-constant", f"'{value}' is a parameter of the BN, not its input")
+    axis = axis.with_rank(rw.rank(value))
+    if axis.pos is None:
+        raise Refusal("shape-unknown", f"the rank of '{value}' is unknown: the BN normalizes axis 1, the channels may be elsewhere")
+    if axis.pos != 1 or axis.rank < 2:
+        raise Refusal(
+            "not-per-channel",
+            f"the BN normalizes axis 1 of a {axis.rank}-D value; the linear op's channels are on axis {axis.pos}",
+        )
+    if affine.channels != channels:
+        raise Refusal("channel-mismatch", f"the linear op has {channels} output channels, the BN has {affine.channels}")
+    return Step(bn, "bn", affine.a, affine.b)
+
+
+def _bns_ahead(rw: GraphRewrite, node: NodeProto, limit: int = 16) -> List[NodeProto]:
+    """The BN reached from ``node`` through ops a chain may hold (no-ops, layout and affine
+    ops), each the sole reader of the one before: the BN a refusal at ``node`` concerns."""
+    for _ in range(limit):
+        if node.op_type not in PASSABLE or not node.output:
+            return []
+        users = rw.index.consumers.get(node.output[0], [])
+        if len(users) != 1:
+            return []
+        node = users[0]
+        if is_batchnorm(node):
+            return [node]
+    return []
+
+
+def _foldable_prefix(steps: List[Step]) -> List[Step]:
+    last = max((i for i, s in enumerate(steps) if s.kind in ("affine", "bn")), default=-1)
+    return steps[: last + 1]
+
+
+def compose(steps: List[Step], channels: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The affine steps as one map ``a * x + b`` (float64), first step applied first."""
+    a, b = np.ones(channels), np.zeros(channels)
+    for s in steps:
+        if s.kind in ("affine", "bn"):
+            a, b = s.a * a, s.a * b + s.b
+    return a, b
+
+
+def _transposes_cancel(rw: GraphRewrite, steps: List[Step]) -> bool:
+    """True when the chain's layout ops are all Transposes that compose to the identity."""
+    layout = [s.node for s in steps if s.kind == "layout"]
+    if not layout or any(n.op_type != "Transpose" for n in layout):
+        return False
+    order: Optional[List[int]] = None
+    for node in layout:
+        perm = transpose_perm(rw, node, None if order is None else len(order))
+        if perm is None or (order is not None and len(perm) != len(order)):
+            return False
+        order = list(range(len(perm))) if order is None else order
+        order = [order[p] for p in perm]
+    return order == sorted(order)
+
+
+def rewire(rw: GraphRewrite, head: NodeProto, steps: List[Step], drop_layout: bool = False) -> None:
+    """Remove the chain's folded nodes: each run of removed nodes is bridged by renaming the
+    output of the node before it to the run's last output, so the readers after it (and graph
+    outputs) keep their names."""
+    live_node, live_value = head, head.output[0]
+    pending: Optional[str] = None
+    for s in steps:
+        if s.kind == "layout" and not drop_layout:
+            if pending is not None:
+                _bridge(rw, live_node, live_value, pending)
+            live_node, live_value, pending = s.node, s.node.output[0], None
+            continue
+        rw.drop_node(s.node)
+        rw.gone_values.update(o for o in s.node.output[1:] if o)
+        if pending is not None:
+            rw.gone_values.add(pending)
+        pending = s.node.output[0]
+        if s.kind == "bn":
+            rw.orphans.extend(n for n in s.node.input[1:] if n)
+        elif s.kind == "affine":
+            # The constant itself (initializer or Constant node) stays: tests in
+            # test_onnx_fold.py read such constants back after a fold. Only the constant
+            # subgraph nodes computing it go.
+            drop_dead_subgraph(rw, s.const)
+    if pending is not None:
+        _bridge(rw, live_node, live_value, pending)
+
+
+def _bridge(rw: GraphRewrite, node: NodeProto, old: str, new: str) -> None:
+    rw.index.rename_output(node, old, new)
+    rw.gone_values.add(old)
+    rw.gone_values.discard(new)
+
+
+def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], handled: set) -> None:
+    """One entry per BN, and one per run of Mul/Add/Sub/Div (named by its first node).
+
+    A MatMul's leading Add is its bias, not an affine op folded away: not reported."""
+    in_run = False
+    bias_add = kind == "matmul"
+    for s in steps:
+        if s.kind == "noop":
+            continue
+        layout = "layout-" if s.after_layout else ""
+        if s.kind == "bn":
+            handled.add(id(s.node))
+            rw.report.add_folded(node_label(s.node), node_label(linear), linear.op_type, f"{kind}-{layout}bn", rw.path)
+            in_run = bias_add = False
+        elif s.kind == "affine":
+            if bias_add and s.node.op_type == "Add" and not s.after_layout:
+                bias_add = False
+                continue
+            if not in_run:
+                rw.report.add_folded(node_label(s.node), node_label(linear), linear.op_type, f"{kind}-{layout}affine", rw.path)
+            in_run = True
+            bias_add = False
+        else:
+            bias_add = False

@@ -1,0 +1,59 @@
+"""Rule: a BN followed by more per-channel affine ops (another BN, Mul/Add/Sub/Div by a
+constant, with Identity/Dropout between) and no linear op to fold into: merge them all into
+the first BN.
+
+A BN computes ``s * (x - m) / sqrt(v + eps) + B``; ``A * that + C`` is the same BN with scale
+``A * s`` and shift ``A * B + C``, so mean, variance and epsilon stay as they are and the
+merge is exact up to one rounding of the two new vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import NodeProto
+
+from ..affine import Refusal, cast_back
+from .bn import read_bn
+from .chain import Refusals, compose, rewire, walk
+from .graph import float_dtype, node_label
+from .layout import Axis
+from .rewrite import GraphRewrite
+
+
+def merge_after_bn(rw: GraphRewrite, bn: NodeProto, handled: set) -> None:
+    """Merge the affine ops after ``bn`` into it; silently do nothing when none can be."""
+    try:
+        first = read_bn(bn, rw.scope)
+    except Refusal:
+        return
+    rank = rw.rank(bn.input[0]) or rw.rank(bn.output[0])
+    axis = Axis.known(rank, 1) if rank and rank >= 2 else Axis(None, 1, None, 2)
+    ignored: Refusals = {}
+    steps, _ = walk(rw, bn.output[0], axis, first.channels, ignored, allow_layout=False)
+    last = max((i for i, s in enumerate(steps) if s.kind in ("affine", "bn")), default=-1)
+    steps = steps[: last + 1]
+    if not steps:
+        return
+    a, c = compose(steps, first.channels)
+    try:
+        names = (bn.input[1], bn.input[2])
+        dtypes = [float_dtype(rw.scope.tensor(n, "BN parameter"), "BN parameter") for n in names]
+        scale, shift = (rw.scope.array(n, "BN parameter").astype(np.float64) for n in names)
+        new_scale = cast_back(a * scale, dtypes[0], "BN scale")
+        new_shift = cast_back(a * shift + c, dtypes[1], "BN shift")
+    except Refusal:
+        return
+    base = bn.name or bn.output[0]
+    rw.set_input(bn, 1, rw.add_initializer(f"{base}_bnfold_scale", new_scale))
+    rw.set_input(bn, 2, rw.add_initializer(f"{base}_bnfold_B", new_shift))
+    rewire(rw, bn, steps)
+    in_run = False
+    for s in steps:
+        if s.kind == "bn":
+            handled.add(id(s.node))
+            rw.report.add_folded(node_label(s.node), node_label(bn), bn.op_type, "bn-bn", rw.path)
+            in_run = False
+        elif s.kind == "affine":
+            if not in_run:
+                rw.report.add_folded(node_label(s.node), node_label(bn), bn.op_type, "bn-affine", rw.path)
+            in_run = True
