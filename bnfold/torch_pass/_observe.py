@@ -290,12 +290,13 @@ class _Watcher(TorchFunctionMode):
         self.tracked: Dict[int, _Tracked] = {}
         self.producers: List[_Tracked] = []
         self.bn_calls: List[Tuple[str, Optional[_Tracked]]] = []
-        self.params: Dict[int, Tuple[weakref.ref, str]] = {}
-        for name, mod in root.named_modules():
+        # parameter id -> (weakref, owners); a tied parameter has several owners
+        self.params: Dict[int, Tuple[weakref.ref, List[str]]] = {}
+        for name, mod in root.named_modules(remove_duplicate=False):
             if is_batchnorm(mod) or is_producer_type(mod):
                 for t in list(mod._parameters.values()) + list(mod._buffers.values()):
                     if t is not None:
-                        self.params[id(t)] = (weakref.ref(t), name)
+                        self.params.setdefault(id(t), (weakref.ref(t), []))[1].append(name)
         self.foreign: Dict[str, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -316,8 +317,9 @@ class _Watcher(TorchFunctionMode):
             if t is not None and (t.bn_call is None or t.bn_call not in self.stack):
                 t.other.append(what)
             p = self.params.get(id(value))
-            if p is not None and p[0]() is value and not self.active.get(p[1]):
-                self.foreign.setdefault(p[1], f"{what} outside its module's call")
+            if p is not None and p[0]() is value and not any(self.active.get(o) for o in p[1]):
+                for owner in p[1]:
+                    self.foreign.setdefault(owner, f"{what} outside its module's call")
 
     def pre(self, module, args, kwargs):
         name = self.names.get(id(module))
