@@ -51,7 +51,8 @@ def test_tensorflow_style_bn_as_mul_add_chain():
              ("Mul", per_c(RNG, (4, 1, 1)), True)]
     out, report = fold_ok(conv_model(chain, bias=False), {"op0": "conv-affine"}, gone=["op1", "op2", "op3", "op4"])
     assert op_types(out.graph) == ["Conv"]
-    assert report.n_folded == 1  # one run of affine ops, named by its first node
+    assert [e["node"] for e in report.extra["affine_folded"]] == ["op0"]  # one run, named by its first node
+    assert report.n_folded == 0  # report.folded lists BatchNormalizations only
 
 
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
@@ -101,7 +102,7 @@ def test_chain_stops_at_first_refused_op_and_folds_the_rest():
     bad = per_c(RNG, (4,))
     out, report = fold_ok(conv_model([("Mul", per_c(RNG, (4, 1, 1)), False), ("Add", bad, False)]), {"op0": "conv-affine"})
     assert op_types(out.graph) == ["Conv", "Add"]
-    assert [s.bn for s in report.skipped] == ["op1"]
+    assert [e["node"] for e in report.extra["affine_skipped"]] == ["op1"]
 
 
 def test_non_constant_operand_is_not_touched():
@@ -111,7 +112,7 @@ def test_non_constant_operand_is_not_touched():
     h = g.conv(x, "conv", 3, 4, (3, 3))
     g.output(g.node("Mul", [h, s], "y", "mul").output[0])
     out, report = refuse_ok(g.model(), "mul", None)
-    assert not report.skipped and not report.folded
+    assert not report.skipped and not report.folded and not report.extra
 
 
 def test_conv_output_with_two_readers_is_not_folded():
@@ -145,7 +146,7 @@ def test_matmul_then_mul_add_on_3d_input():
     g.output(g.node("Add", [h, g.init("a", per_c(RNG, (1, 1, 5)))], "y", "add").output[0])
     out, report = fold_ok(g.model(), {"mul": "matmul-affine"}, gone=["bias_add", "add"])
     assert op_types(out.graph) == ["MatMul", "Add"]
-    assert report.n_folded == 1  # the bias Add is the Linear's own bias, not a fold
+    assert [e["node"] for e in report.extra["affine_folded"]] == ["mul"]  # the bias Add is the Linear's own
 
 
 def test_matmul_bias_add_alone_is_left_as_is():
@@ -156,7 +157,7 @@ def test_matmul_bias_add_alone_is_left_as_is():
     model = g.model()
     out, report = refuse_ok(model, "add", None)
     assert out.SerializeToString() == model.SerializeToString()
-    assert not report.folded and not report.skipped
+    assert not report.folded and not report.skipped and not report.extra
 
 
 def test_matmul_column_constant_is_not_per_feature():

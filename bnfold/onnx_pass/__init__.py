@@ -92,8 +92,21 @@ def fold_model_proto(model: ModelProto) -> FoldReport:
     orphans: list = []
     _fold_graph(model.graph, Scope(model.graph, model.ir_version), names, report, "", opset, shapes, orphans)
     _drop_unused(model.graph, orphans)
+    _note_affine(report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _note_affine(report: FoldReport) -> None:
+    """One summary line for the Mul/Add/Sub/Div runs (their entries are in report.extra)."""
+    from .affine_ops import AFFINE_FOLDED, AFFINE_SKIPPED
+
+    folded, skipped = report.extra.get(AFFINE_FOLDED, []), report.extra.get(AFFINE_SKIPPED, [])
+    if folded or skipped:
+        report.notes.append(
+            f"also folded {len(folded)} run(s) of per-channel Mul/Add/Sub/Div, left {len(skipped)} "
+            f"(see {AFFINE_FOLDED} / {AFFINE_SKIPPED} in the JSON report)"
+        )
 
 
 def _default_opset(model: ModelProto) -> int:

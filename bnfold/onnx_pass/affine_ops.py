@@ -20,6 +20,25 @@ from .rewrite import GraphRewrite
 
 AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 
+# The report's folded/skipped lists are one entry per BatchNormalization; Mul/Add/Sub/Div runs
+# go to these lists in ``report.extra`` (and so into the JSON report) instead.
+AFFINE_FOLDED = "affine_folded"
+AFFINE_SKIPPED = "affine_skipped"
+
+
+def report_affine_folded(rw: GraphRewrite, node: NodeProto, into: NodeProto, rule: str) -> None:
+    """Record a folded run of affine ops, named by its first node."""
+    entry = {"node": node_label(node), "op": node.op_type, "into": node_label(into), "into_op": into.op_type,
+             "rule": rule, "graph": rw.path}
+    rw.report.extra.setdefault(AFFINE_FOLDED, []).append(entry)
+
+
+def report_affine_skipped(rw: GraphRewrite, node: NodeProto, after: NodeProto, why: Refusal) -> None:
+    """Record an affine op right after a linear op that could not be folded, and why."""
+    entry = {"node": node_label(node), "op": node.op_type, "after": node_label(after), "after_op": after.op_type,
+             "reason": why.reason, "detail": why.detail, "graph": rw.path}
+    rw.report.extra.setdefault(AFFINE_SKIPPED, []).append(entry)
+
 
 def constant_operand(rw: GraphRewrite, node: NodeProto, data: str) -> Optional[Tuple[int, np.ndarray]]:
     """``(position, value)`` of the constant operand when ``node`` is ``data`` op constant;

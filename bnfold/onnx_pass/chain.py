@@ -21,7 +21,7 @@ import numpy as np
 from onnx import NodeProto
 
 from ..affine import Refusal
-from .affine_ops import constant_operand, per_channel
+from .affine_ops import constant_operand, per_channel, report_affine_folded, report_affine_skipped
 from .bn import is_batchnorm, read_bn
 from .consts import drop_dead_subgraph
 from .conv import conv_output_axis, fold_into_conv
@@ -98,7 +98,7 @@ def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals
     steps, stopped = walk(rw, linear.output[0], axis, channels, refusals, allow_layout=True)
     if stopped is not None:
         node, why = stopped
-        rw.report.add_skipped(node_label(node), why.reason, why.detail, node_label(linear), linear.op_type, rw.path)
+        report_affine_skipped(rw, node, linear, why)
     prefix = _foldable_prefix(steps)
     if not prefix:
         return
@@ -115,7 +115,7 @@ def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals
             if s.kind == "bn":
                 refusals[id(s.node)] = why
             elif s.kind == "affine":
-                rw.report.add_skipped(node_label(s.node), why.reason, why.detail, node_label(linear), linear.op_type, rw.path)
+                report_affine_skipped(rw, s.node, linear, why)
         return
     head = linear
     if bias is not None:  # a MatMul's folded bias goes into an Add right after it
@@ -290,7 +290,7 @@ def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], h
                 bias_add = False
                 continue
             if not in_run:
-                rw.report.add_folded(node_label(s.node), node_label(linear), linear.op_type, f"{kind}-{layout}affine", rw.path)
+                report_affine_folded(rw, s.node, linear, f"{kind}-{layout}affine")
             in_run = True
             bias_add = False
         else:

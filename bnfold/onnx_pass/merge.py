@@ -13,6 +13,7 @@ import numpy as np
 from onnx import NodeProto
 
 from ..affine import Refusal, cast_back
+from .affine_ops import report_affine_folded
 from .bn import read_bn
 from .chain import Refusals, compose, rewire, walk
 from .graph import float_dtype, node_label
@@ -55,5 +56,5 @@ def merge_after_bn(rw: GraphRewrite, bn: NodeProto, handled: set) -> None:
             in_run = False
         elif s.kind == "affine":
             if not in_run:
-                rw.report.add_folded(node_label(s.node), node_label(bn), bn.op_type, "bn-affine", rw.path)
+                report_affine_folded(rw, s.node, bn, "bn-affine")
             in_run = True
