@@ -296,3 +296,11 @@ def test_end_to_end_subprocess_failure(tmp_path, kind, code):
     assert len(lines) == 1 and lines[0].startswith("bnfold: error:"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+def test_output_same_as_input_is_refused(model_file):
+    before = model_file.read_bytes()
+    result = invoke(model_file, "-o", model_file)
+    assert_clean_failure(result, EXIT_OUTPUT)
+    assert model_file.read_bytes() == before
+    assert sorted(p.name for p in model_file.parent.iterdir()) == ["model.onnx"]

@@ -673,3 +673,50 @@ def test_sample_model_folds_completely(name):
     assert count_op(out, "BatchNormalization") == 0
     check_valid(out)
     assert_equivalent(model, out, trials=3)
+
+
+# -- older IR versions and pre-inferred shapes -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bnfold bug: with ir_version < 4 every initializer must also be a graph input; the new "
+    "folded initializers are not listed, so onnx.checker rejects the output",
+)
+def test_ir_version_3_model_folds_and_stays_valid():
+    """IR 3: initializers must be graph inputs (onnxruntime treats them as constants there)."""
+    g = GraphBuilder(seed=30)
+    x = g.input("x", [1, 3, 5, 5])
+    g.output(g.bn(g.conv(x, "conv", 3, 4, (3, 3)), "bn", 4), shape=[1, 4, 3, 3])
+    model = g.model(ir_version=3, opset=8, check=False)
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(model, full_check=True)
+    out, report = fold_onnx(model)
+    assert [f.bn for f in report.folded] == ["bn"]
+    assert out.ir_version == 3
+    assert out.graph.input[0].name == "x"
+    assert_equivalent(model, out)
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_model_with_inferred_value_info_folds():
+    """Shape inference already ran (value_info for every intermediate): the result stays valid."""
+    model = onnx.shape_inference.infer_shapes(resnet_block_model(seed=31))
+    assert len(model.graph.value_info) > 5
+    out, _ = fold_and_check(model, ["stem_bn", "bn1", "bn2", "dw_bn", "head_bn"])
+    defined = set(defined_names(out.graph))
+    for vi in out.graph.value_info:
+        assert vi.name in defined, f"value_info for '{vi.name}', which no longer exists"
+
+
+def test_gemm_bias_per_row():
+    """Gemm C of shape [M, 1] (fixed batch): a per-row bias, folded or refused but exact."""
+    g = GraphBuilder(seed=32)
+    x = g.input("x", [3, 4])
+    g.node("Gemm", [x, g.init("W", g.weight((4, 5))), g.init("C", g.weight((3, 1)))], "h", "gemm", beta=0.5)
+    g.output(g.bn("h", "bn", 5))
+    model = g.model()
+    out, _ = fold_onnx(model)
+    check_valid(out)
+    assert_equivalent(model, out)

@@ -398,3 +398,21 @@ def test_refusal_leaves_other_bns_folded():
     assert d["folded_count"] == 1 and d["skipped_count"] == 2
     # a refused conv keeps its own weights
     np.testing.assert_array_equal(tensor_value(out, find_node(out.graph, "c2").input[1]), tensor_value(model, "c2_W"))
+
+
+def test_consumer_two_subgraph_levels_down():
+    """An If inside an If branch reads the conv's output from two scopes up."""
+    g, y = conv_bn(seed=27)
+    g.input("cond", [], dtype=np.bool_)
+    vi = lambda name: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 4, 3, 3])  # noqa: E731
+    inner_then = helper.make_graph([helper.make_node("Relu", ["conv_out"], ["t2"], name="deep_relu")], "it", [], [vi("t2")])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["conv_out"], ["e2"], name="deep_neg")], "ie", [], [vi("e2")])
+    inner_if = helper.make_node("If", ["cond"], ["t"], name="inner_if", then_branch=inner_then, else_branch=inner_else)
+    outer_then = helper.make_graph([inner_if], "ot", [], [vi("t")])
+    outer_else = helper.make_graph([helper.make_node("Abs", ["x"], ["e"], name="outer_abs")], "oe", [],
+                                   [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["N", 3, 5, 5])])  # fmt: skip
+    g.node("If", ["cond"], ["branch_out"], "outer_if", then_branch=outer_then, else_branch=outer_else)
+    g.output(y)
+    g.output("branch_out", shape=None)
+    model = g.model(check=False)  # the two branches differ in shape: fine for ORT, not for the checker
+    refuse_and_check(model, "bn", "producer-has-other-consumers", feeds={"cond": np.array(True)}, valid=False)
