@@ -720,3 +720,35 @@ def test_gemm_bias_per_row():
     out, _ = fold_onnx(model)
     check_valid(out)
     assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,scale_dtype,stat_dtype",
+    [(np.float32, np.float16, np.float32), (np.float16, np.float32, np.float16), (np.float16, np.float32, np.float32)],
+)
+def test_bn15_mixed_parameter_dtypes(x_dtype, scale_dtype, stat_dtype):
+    """BN-15 types scale/B (T1) and mean/var (T2) separately from X: the conv keeps X's dtype."""
+    g = GraphBuilder(seed=33, dtype=x_dtype)
+    x = g.input("x", [1, 3, 5, 5])
+    y = g.conv(x, "conv", 3, 4, (3, 3))
+    stats = {k: v.astype(scale_dtype if k in ("scale", "B") else stat_dtype) for k, v in bn_stats(g.rng, 4).items()}
+    g.output(g.bn(y, "bn", 4, stats=stats))
+    out, _ = fold_and_check(g.model(opset=15), ["bn"], "conv-bn")
+    for name in out.graph.node[0].input[1:]:
+        assert tensor_value(out, name).dtype == x_dtype
+
+
+def test_bn_parameters_as_constant_value_floats():
+    """Constant nodes may carry value_floats instead of a tensor."""
+    g = GraphBuilder(seed=34)
+    x = g.input("x", [1, 3, 5, 5])
+    y = g.conv(x, "conv", 3, 4, (3, 3))
+    stats = bn_stats(g.rng, 4)
+    names = []
+    for k in ("scale", "B", "mean", "var"):
+        g.nodes.append(helper.make_node("Constant", [], [f"c_{k}"], name=f"const_{k}", value_floats=stats[k].tolist()))
+        names.append(f"c_{k}")
+    g.node("BatchNormalization", [y, *names], "out", "bn")
+    g.output("out")
+    out, _ = fold_and_check(g.model(), ["bn"], "conv-bn")
+    assert count_op(out, "Constant") == 0
