@@ -752,3 +752,22 @@ def test_bn_parameters_as_constant_value_floats():
     g.output("out")
     out, _ = fold_and_check(g.model(), ["bn"], "conv-bn")
     assert count_op(out, "Constant") == 0
+
+
+def test_fold_path_imports_neither_onnxruntime_nor_torch(tmp_path):
+    """The ONNX fold itself needs only onnx and numpy (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.onnx"
+    onnx.save_model(resnet_block_model(seed=35), str(path))
+    code = (
+        "import sys, bnfold\n"
+        "from bnfold.onnx_pass import fold_onnx\n"
+        f"model, report = fold_onnx({str(path)!r})\n"
+        "assert report.n_folded == 5\n"
+        "print(sorted(m for m in ('onnxruntime', 'torch') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
