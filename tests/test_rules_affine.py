@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
 
 from onnx_models import GraphBuilder, count_op, op_types
 from rules_helpers import fold_ok, refuse_ok

@@ -1,9 +1,18 @@
-"""The ONNX front end: find BN nodes, match each to the linear op before it, fold or explain.
+"""The ONNX front end: fold BatchNormalization and other per-channel affine ops into the
+linear ops next to them, or explain why not.
 
-One rule per producer kind (``conv.py``, ``gemm.py``); each computes the folded tensors in
-float64 and raises :class:`bnfold.affine.Refusal` with a reason code when the fold would not
-be exact. The checks every rule shares (inference mode, constant parameters, the producer's
-output used by the BN alone) run here, before any rule.
+Two kinds of anchor, each node looked at a bounded number of times (linear in graph size):
+
+1. each linear op (Conv, ConvTranspose, Gemm, MatMul) takes the chain of per-channel affine
+   ops after it -- BNs and Mul/Add/Sub/Div by constants, through Identity/Dropout and
+   channel-keeping layout ops (``chain.py``);
+2. each BN left merges the affine ops after it (``merge.py``), then tries the linear ops it
+   feeds (``before.py``).
+
+Every rule computes in float64 and raises :class:`bnfold.affine.Refusal` with a reason code
+(:data:`bnfold.report.REASONS`, plus :data:`reasons.EXTRA_REASONS`) when a fold would not be
+exact. ``report.folded`` / ``report.skipped`` hold one entry per BN; Mul/Add/Sub/Div runs are
+listed in ``report.extra["affine_folded"]`` / ``["affine_skipped"]``.
 """
 
 from __future__ import annotations
@@ -18,22 +27,24 @@ from ..affine import Refusal
 from ..report import FoldReport
 from .before import fold_bn_before
 from .bn import is_batchnorm
-from .chain import LINEAR, Refusals, fold_chain_after, is_linear
+from .chain import Refusals, fold_chain_after, is_linear
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .merge import merge_after_bn
-from .reasons import EXTRA_REASONS
+from .reasons import EXTRA_REASONS  # noqa: F401 (re-exported for the report)
 from .rewrite import GraphRewrite
 
-# The rules, for documentation and tests: name -> what it folds.
+# Rule names as they appear in reports ("<op>" is conv, convtranspose, gemm or matmul).
 RULES: Dict[str, str] = {
-    "conv-bn": "Conv -> BN (also through Identity/Dropout)",
-    "convtranspose-bn": "ConvTranspose -> BN",
-    "gemm-bn": "Gemm -> BN",
-    "matmul-bn": "MatMul [-> Add] -> BN on a 2-D value",
-    "<op>-affine": "Conv/ConvTranspose/Gemm/MatMul -> Mul/Add/Sub/Div by a per-channel constant",
-    "<op>-layout-bn / <op>-layout-affine": "the same through Transpose/Reshape/Squeeze/Unsqueeze/Flatten",
-    "bn-conv / bn-gemm / bn-matmul / bn-flatten-gemm": "BN -> unpadded Conv, Gemm, 2-D MatMul, Flatten -> Gemm",
-    "bn-bn / bn-affine": "BN -> BN or Mul/Add/Sub/Div merged into the first BN",
+    "<op>-bn": "linear op -> BN, through Identity/Dropout (conv-bn, convtranspose-bn, gemm-bn, matmul-bn)",
+    "<op>-affine": "linear op -> Mul/Add/Sub/Div by per-channel constants",
+    "<op>-layout-bn": "linear op -> Transpose/Reshape/Squeeze/Unsqueeze/Flatten keeping channels -> BN",
+    "<op>-layout-affine": "the same with Mul/Add/Sub/Div",
+    "bn-conv": "BN -> Conv without padding (grouped, depthwise)",
+    "bn-gemm": "BN1d -> Gemm",
+    "bn-matmul": "BN1d -> MatMul on a 2-D value",
+    "bn-flatten-gemm": "BN2d -> Flatten(axis=1) -> Gemm (bn-flatten-matmul likewise)",
+    "bn-bn": "BN -> BN merged into the first BN",
+    "bn-affine": "BN -> Mul/Add/Sub/Div merged into the BN",
 }
 
 ModelLike = Union[ModelProto, str, "os.PathLike[str]"]

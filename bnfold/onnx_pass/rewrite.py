@@ -10,7 +10,7 @@ import numpy as np
 from onnx import GraphProto, NodeProto, numpy_helper
 
 from ..report import FoldReport
-from .graph import GraphIndex, Names, Scope, node_label
+from .graph import GraphIndex, Names, Scope
 
 
 class GraphRewrite:
@@ -37,7 +37,6 @@ class GraphRewrite:
         self.inserted: Dict[int, List[NodeProto]] = {}  # id() of node -> nodes to place after it
         self.const_cache: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
         self.removed: Set[int] = set()  # id() of nodes to drop
-        self.replaced: Dict[int, NodeProto] = {}  # id() of node -> node taking its place
         self.orphans: List[str] = []  # values that may now be unused
         self.gone_values: Set[str] = set()  # values that no longer exist
 
@@ -68,22 +67,6 @@ class GraphRewrite:
             if node in users and old not in node.input:
                 users.remove(node)
         self.index.consumers[name].append(node)
-
-    def remove_bn(self, bn: NodeProto, producer: NodeProto, producer_output: str) -> None:
-        """Drop ``bn``; ``producer`` now writes the BN's output under the BN's name."""
-        self.orphans.extend(n for n in bn.input[1:] if n)
-        self.index.rename_output(producer, producer_output, bn.output[0])
-        self.gone_values.add(producer_output)
-        self.removed.add(id(bn))
-
-    def replace_node(self, old: NodeProto, new: NodeProto) -> None:
-        self.orphans.extend(n for n in old.input if n)
-        self.replaced[id(old)] = new
-        for out in new.output:
-            self.index.producer[out] = new
-        for name in new.input:
-            if name:
-                self.index.consumers[name].append(new)
 
     def drop_node(self, node: NodeProto) -> None:
         """Remove ``node``; its inputs lose it as a consumer and become orphan candidates."""
@@ -117,19 +100,15 @@ class GraphRewrite:
         self.insert_after(node, add)
         return add
 
-    def folded(self, bn: NodeProto, producer: NodeProto, rule: str) -> None:
-        self.report.add_folded(node_label(bn), node_label(producer), producer.op_type, rule, self.path)
-
     def commit(self) -> None:
-        """Apply node removals and replacements, keeping the order of what remains."""
-        if not (self.removed or self.replaced or self.inserted):
+        """Apply node removals and insertions, keeping the order of what remains."""
+        if not (self.removed or self.inserted):
             return
         kept = []
         for node in self.graph.node:
             after = self.inserted.get(id(node), [])
             if id(node) not in self.removed:
-                new = self.replaced.get(id(node))
-                kept.append(node if new is None else new)
+                kept.append(node)
             kept.extend(after)
         # Messages taken from a repeated field stay valid after it is cleared (protobuf
         # detaches them); extend() copies them back in.
