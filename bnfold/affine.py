@@ -59,8 +59,9 @@ def bn_coefficients(scale, shift, mean, var, eps: float) -> Tuple[np.ndarray, np
     denom = var + np.float64(eps)
     if np.any(denom <= 0):
         raise Refusal("non-positive-variance", "var + epsilon <= 0 for some channel")
-    a = scale / np.sqrt(denom)
-    b = shift - mean * a
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        a = scale / np.sqrt(denom)
+        b = shift - mean * a
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise Refusal("non-finite-result", "the BatchNorm's scale or shift overflows float64")
     return a, b
@@ -171,7 +172,8 @@ def cast_back(value64: np.ndarray, dtype, what: str) -> np.ndarray:
     """
     if not np.all(np.isfinite(value64)):
         raise Refusal("non-finite-result", f"the folded {what} is not finite")
-    out = value64.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+        out = value64.astype(dtype)
     if not np.all(np.isfinite(out.astype(np.float64))):
         big = float(np.max(np.abs(value64)))
         raise Refusal(

@@ -272,6 +272,19 @@ def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
+def check_output_path(path: str, protect: Set[str] = frozenset()) -> None:
+    """Refuse an output path that cannot be written or would overwrite a protected file."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: is a directory")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{folder}: output folder does not exist")
+    for target in (path, path + ".data"):
+        if os.path.realpath(target) in protect:
+            raise OutputError(f"{target}: would overwrite the input model or its data; choose another output path")
+
+
 @contextlib.contextmanager
 def staged_output(path: str, protect: Set[str] = frozenset()) -> Iterator[str]:
     """Yield a path in a private staging folder beside ``path``; on success move what was
@@ -283,13 +296,7 @@ def staged_output(path: str, protect: Set[str] = frozenset()) -> Iterator[str]:
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise OutputError(f"{path}: is a directory")
-    if not os.path.isdir(folder):
-        raise OutputError(f"{folder}: output folder does not exist")
-    for target in (path, path + ".data"):
-        if os.path.realpath(target) in protect:
-            raise OutputError(f"{target}: would overwrite the input model or its data; choose another output path")
+    check_output_path(path, protect)
     try:
         stage = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)
     except OSError as exc:

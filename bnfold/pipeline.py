@@ -60,7 +60,7 @@ def fold_path(
     writing and the equivalence check both succeed. Expected failures come back in the
     outcome (``exit_code``, ``error``); bugs propagate.
     """
-    from .onnx_io import read_model_lazy, staged_output, write_model
+    from .onnx_io import check_output_path, read_model_lazy, staged_output, write_model
     from .onnx_pass import fold_model_proto
 
     start = time.perf_counter()
@@ -68,9 +68,12 @@ def fold_path(
     try:
         source = os.path.abspath(src)
         model, data_files = read_model_lazy(source)
+        protect = {os.path.realpath(source)} | data_files
+        if dst is not None:
+            check_output_path(os.fspath(dst), protect)  # before the work, not after it
         outcome.report = fold_model_proto(model)
         if dst is not None:
-            with staged_output(os.fspath(dst), protect={os.path.realpath(source)} | data_files) as staged:
+            with staged_output(os.fspath(dst), protect=protect) as staged:
                 write_model(model, staged, external=True if data_files else None)
                 del model  # written; free it before onnxruntime loads both models
                 if check:

@@ -32,6 +32,8 @@ def handles_errors(func):
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:
+            _quiet_exit_on_closed_pipe()
         except MemoryError:
             _maybe_traceback()
             fail("out of memory", EXIT_INTERNAL)
@@ -45,6 +47,14 @@ def handles_errors(func):
             fail(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it", EXIT_INTERNAL)
 
     return wrapper
+
+
+def _quiet_exit_on_closed_pipe() -> "NoReturn":  # noqa: F821
+    """The reader of our output went away (``bnfold ... | head``): stop silently, as shell
+    tools do, with the SIGPIPE status, and keep Python from complaining at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
 
 
 def _maybe_traceback() -> None:
