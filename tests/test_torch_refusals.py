@@ -368,3 +368,32 @@ def test_bad_method_and_bad_inputs():
         fold_module(model, method="names")
     with pytest.raises(TypeError):
         fold_module("not a module")
+
+
+class SharedBNTwoConvs(nn.Module):
+    """One BN module after two different convs: it folds into both, then disappears."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv_a(x)) - self.bn(self.conv_b(x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_bn_shared_by_two_convs_folds_into_both(method):
+    _, report = fold_and_check(randomize(SharedBNTwoConvs()), (seeded(2, 3, 5, 5),), left=0,
+                               expect=METHOD_NAMES[method], method=method)
+    assert sorted(f.producer for f in report.folded) == ["conv_a", "conv_b"]
+
+
+class SharedBNOneInputNotAConv(SharedBNTwoConvs):
+    def forward(self, x):
+        return self.bn(self.conv_a(x)) - self.bn(x[:, :1].expand(-1, 4, -1, -1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_bn_with_one_non_conv_input_is_not_folded(method):
+    refused(SharedBNOneInputNotAConv(), (seeded(2, 3, 5, 5),), "bn", "no-linear-producer", method)
