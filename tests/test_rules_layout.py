@@ -115,3 +115,26 @@ def test_matmul_transpose_of_unknown_rank_refused():
     g.node("Transpose", ["mm"], "t", "transpose")  # default perm: reverse, rank unknown
     g.output(g.bn("t", "bn", 3), shape=[5, 3])  # BN over the MatMul's rows: must not fold
     out, report = refuse_ok(g.model(check=False), "bn", {"shape-unknown"}, feeds={"x": np.ones((3, 4), np.float32)}, valid=False)
+
+
+def test_conv1d_squeeze_with_dynamic_length_uses_the_axes():
+    """Spatial size unknown: the Squeeze's axes alone prove the channel axis stays axis 1."""
+    g = GraphBuilder(seed=9)
+    x = g.input("x", ["N", 3, 1, "L"])
+    h = g.conv(x, "conv", 3, 5, (1, 3), bias=False)
+    h = g.node("Squeeze", [h, g.init("axes", np.array([2], np.int64))], "sq", "squeeze").output[0]
+    h = g.node("Mul", [h, g.init("m", g.weight((5, 1)))], "m_out", "mul").output[0]
+    g.output(g.node("Add", [h, g.init("a", g.weight((5, 1)))], "y", "add").output[0])
+    out, _ = fold_ok(g.model(), {"mul": "conv-layout-affine"}, gone=["add"],
+                     feeds={"x": np.ones((2, 3, 1, 9), np.float32)})
+    assert op_types(out.graph) == ["Conv", "Squeeze"]
+
+
+def test_squeeze_of_the_channel_axis_refused():
+    g = GraphBuilder(seed=10)
+    x = g.input("x", ["N", 3, 1, "L"])
+    h = g.conv(x, "conv", 3, 1, (1, 3))  # one channel, squeezed away
+    h = g.node("Squeeze", [h, g.init("axes", np.array([1], np.int64))], "sq", "squeeze").output[0]
+    g.output(g.node("Mul", [h, g.init("m", g.weight((2, 1)))], "y", "mul").output[0])
+    out, report = refuse_ok(g.model(), "mul", None, feeds={"x": np.ones((2, 3, 1, 9), np.float32)})
+    assert "mul" not in {e["node"] for e in report.extra.get("affine_folded", [])}

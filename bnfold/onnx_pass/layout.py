@@ -101,16 +101,17 @@ def _through_reshape(rw: GraphRewrite, node: NodeProto, axis: Axis, channels: in
     s_in, s_out = rw.shape(node.input[0]), rw.shape(node.output[0])
     if s_in is not None and s_out is not None:
         axis = axis.with_rank(len(s_in))
-        if axis.pos is not None:
-            inner = _product(s_in[axis.pos + 1:])
+        inner = _product(s_in[axis.pos + 1:]) if axis.pos is not None else None
+        if inner is not None:
             for j, dim in enumerate(s_out):
-                if dim == channels and inner is not None and _product(s_out[j + 1:]) == inner:
+                if dim == channels and _product(s_out[j + 1:]) == inner:
                     return Axis.known(len(s_out), j)
-            raise Refusal(
-                "not-per-channel",
-                f"{node.op_type} '{node_label(node)}' maps {list(s_in)} to {list(s_out)}: "
-                f"the channel axis (axis {axis.pos}) does not survive whole",
-            )
+            if all(d is not None for d in s_out):
+                raise Refusal(
+                    "not-per-channel",
+                    f"{node.op_type} '{node_label(node)}' maps {list(s_in)} to {list(s_out)}: "
+                    f"the channel axis (axis {axis.pos}) does not survive whole",
+                )
     if node.op_type in ("Squeeze", "Unsqueeze"):
         mapped = _through_axes(rw, node, axis)
         if mapped is not None:
