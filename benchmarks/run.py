@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def run_process(cmd: List[str], timeout: float) -> Dict[str, Any]:
         timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+        except BaseException:  # interrupted or terminated: never leave the tool running
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             timer.cancel()
         seconds = time.perf_counter() - start
@@ -305,6 +310,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # turn `kill` into an exception, so the running tool's process is killed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     result: Dict[str, Any] = {"environment": environment(args), "models": {}}
     print(f"bnfold benchmarks ({result['environment']['mode']}): {', '.join(args.models)}", flush=True)
@@ -326,6 +333,7 @@ def main(argv=None) -> int:
         print("  PyTorch eager ...", flush=True)
         result["torch_eager"] = bench_torch(args.quick, args.timeout)
     result["environment"]["total_minutes"] = (time.perf_counter() - started) / 60
+    result["environment"]["load_average_at_end"] = os.getloadavg()[0]
     write(result, args.out)
     print(f"wrote {os.path.join(args.out, 'RESULTS.md')} and results.json "
           f"in {result['environment']['total_minutes']:.1f} min", flush=True)
