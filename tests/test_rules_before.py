@@ -142,3 +142,15 @@ def test_bn_between_two_linear_ops_folds_into_the_first():
     h = g.bn(g.conv(x, "c1", 3, 4, (3, 3), pads=[1, 1, 1, 1]), "bn", 4)
     g.output(g.conv(h, "c2", 4, 2, (1, 1)))
     fold_ok(g.model(), {"bn": "conv-bn"})
+
+
+def test_bn_before_and_after_the_same_conv():
+    """Pass 1 folds the BN after the conv; the BN before it then folds into the new weights."""
+    g = GraphBuilder(seed=10)
+    x = g.input("x", ["N", 4, 5, 5])
+    h = g.bn(g.node("Relu", [x], "r", "relu").output[0], "bn_before", 4)
+    h = g.bn(g.conv(h, "conv", 4, 6, (3, 3), group=2), "bn_after", 6)
+    g.output(h)
+    out, _ = fold_ok(g.model(), {"bn_before": "bn-conv", "bn_after": "conv-bn"})
+    assert op_types(out.graph) == ["Relu", "Conv"]
+    assert len(out.graph.initializer) == 2  # intermediate folded weights are not left behind
