@@ -20,6 +20,7 @@ __all__ = [
     "export_folded",
     "fold_program_file",
     "fold_exported_program",
+    "load_program",
     "TrainingModeError",
     "ModelTraceError",
     "TORCH_REASONS",
