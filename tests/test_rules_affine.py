@@ -54,6 +54,14 @@ def test_tensorflow_style_bn_as_mul_add_chain():
     assert report.n_folded == 0  # report.folded lists BatchNormalizations only
 
 
+def test_folded_constants_leave_the_model():
+    """The constants of a folded Mul/Add chain have no reader left, so they must go."""
+    chain = [("Mul", per_c(RNG, (4, 1, 1)), False), ("Add", per_c(RNG, (1, 4, 1, 1)), False)]
+    out, _ = fold_ok(conv_model(chain), {"op0": "conv-affine"})
+    names = {t.name for t in out.graph.initializer}
+    assert not names & {"k0", "k1"}, names
+
+
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
 def test_bn_between_affine_ops(op):
     g = GraphBuilder(seed=1)

@@ -257,9 +257,6 @@ def rewire(rw: GraphRewrite, head: NodeProto, steps: List[Step], drop_layout: bo
         if s.kind == "bn":
             rw.orphans.extend(n for n in s.node.input[1:] if n)
         elif s.kind == "affine":
-            # The constant itself (initializer or Constant node) stays: tests in
-            # test_onnx_fold.py read such constants back after a fold. Only the constant
-            # subgraph nodes computing it go.
             drop_dead_subgraph(rw, s.const)
     if pending is not None:
         _bridge(rw, live_node, live_value, pending)

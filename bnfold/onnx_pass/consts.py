@@ -81,7 +81,8 @@ def _axes(rw: GraphRewrite, node: NodeProto, args: List):
 def drop_dead_subgraph(rw: GraphRewrite, name: str) -> None:
     """Remove the constant-subgraph nodes behind ``name`` that nothing reads any more.
 
-    The initializers and Constant nodes at the roots stay (see chain.py for why).
+    The initializer or Constant node at the root becomes an orphan candidate: the final
+    sweep removes it if nothing else reads it.
     """
     producer = rw.index.producer.get(name)
     while (
@@ -98,3 +99,5 @@ def drop_dead_subgraph(rw: GraphRewrite, name: str) -> None:
             if extra and not rw.index.consumers.get(extra):
                 rw.orphans.append(extra)  # a Reshape target or Unsqueeze axes: ours alone
         producer = rw.index.producer.get(name)
+    if name:
+        rw.orphans.append(name)
