@@ -678,11 +678,6 @@ def test_sample_model_folds_completely(name):
 # -- older IR versions and pre-inferred shapes -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnfold bug: with ir_version < 4 every initializer must also be a graph input; the new "
-    "folded initializers are not listed, so onnx.checker rejects the output",
-)
 def test_ir_version_3_model_folds_and_stays_valid():
     """IR 3: initializers must be graph inputs (onnxruntime treats them as constants there)."""
     g = GraphBuilder(seed=30)

@@ -187,7 +187,6 @@ def test_bn9_with_optional_training_outputs():
     refuse_and_check(g.model(opset=9), "bn", "training-mode")
 
 
-@pytest.mark.xfail(strict=True, reason="bnfold bug: BN-6 with is_test=0 (the default) is folded as inference mode")
 @pytest.mark.parametrize("attrs", [{}, {"is_test": 0}])
 def test_bn6_without_is_test_is_training_mode(attrs):
     """BatchNormalization-6 defaults to is_test=0, i.e. batch statistics (ONNX operator spec).

@@ -101,8 +101,8 @@ def fold_model_proto(model: ModelProto) -> FoldReport:
     if any(is_linear(n) or is_batchnorm(n) for g in all_graphs(model.graph) for n in g.node):
         shapes()
     orphans: list = []
-    _fold_graph(model.graph, Scope(model.graph, model.ir_version), names, report, "", opset, shapes, orphans)
-    _drop_unused(model.graph, orphans)
+    _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=opset), names, report, "", opset, shapes, orphans)
+    _drop_unused(model.graph, orphans, model.ir_version)
     _note_affine(report)
     report.seconds = time.perf_counter() - start
     return report
@@ -176,11 +176,13 @@ def _no_producer(producer) -> Refusal:
     return Refusal("no-linear-producer", f"the BN's input comes from {what}")
 
 
-def _drop_unused(graph: GraphProto, candidates) -> None:
+def _drop_unused(graph: GraphProto, candidates, ir_version: int) -> None:
     """Remove initializers and Constant nodes that a fold left without users.
 
     Only values the fold itself orphaned are candidates, so unrelated parts of the model stay
-    byte-for-byte as they were. Uses are counted across every graph, subgraphs included.
+    byte-for-byte as they were. Uses are counted across every graph, subgraphs included. From
+    IR 4 on, an initializer that is also a graph input is part of the model's interface and
+    stays; below IR 4 every initializer is listed as an input, and goes with it.
     """
     candidates = set(candidates)
     if not candidates:
@@ -190,20 +192,33 @@ def _drop_unused(graph: GraphProto, candidates) -> None:
         for node in g.node:
             used.update(node.input)
         used.update(o.name for o in g.output)
-        used.update(i.name for i in g.input)  # an initializer that is also an input stays
+        if ir_version >= 4:
+            used.update(i.name for i in g.input)
+        else:
+            inits = {t.name for t in g.initializer}
+            used.update(i.name for i in g.input if i.name not in inits)
     dead = candidates - used
     if not dead:
         return
     for g in all_graphs(graph):
-        if any(t.name in dead for t in g.initializer):
-            keep = [t for t in g.initializer if t.name not in dead]
-            del g.initializer[:]
-            g.initializer.extend(keep)
-        if any(n.op_type == "Constant" and n.output and n.output[0] in dead for n in g.node):
-            keep_nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output and n.output[0] in dead)]
-            del g.node[:]
-            g.node.extend(keep_nodes)
-        if any(v.name in dead for v in g.value_info):
-            keep_vi = [v for v in g.value_info if v.name not in dead]
-            del g.value_info[:]
-            g.value_info.extend(keep_vi)
+        _remove_where(g.initializer, lambda t: t.name in dead)
+        _remove_where(g.node, lambda n: n.op_type == "Constant" and n.output and n.output[0] in dead)
+        _remove_where(g.value_info, lambda v: v.name in dead)
+        if ir_version < 4:
+            _remove_where(g.input, lambda v: v.name in dead)
+
+
+def _remove_where(field, doomed) -> None:
+    """Delete the items of a repeated protobuf field for which ``doomed`` holds.
+
+    Deleting in place keeps large tensors where they are; rebuilding the field would copy
+    every item that stays (protobuf's extend() copies), so it is used only for many deletions.
+    """
+    positions = [i for i, item in enumerate(field) if doomed(item)]
+    if len(positions) <= 64:
+        for i in reversed(positions):
+            del field[i]
+        return
+    keep = [item for item in field if not doomed(item)]
+    del field[:]
+    field.extend(keep)

@@ -72,9 +72,12 @@ class Scope:
     (IR version 4 and later) is not a constant.
     """
 
-    def __init__(self, graph: GraphProto, ir_version: int, parent: Optional["Scope"] = None) -> None:
+    def __init__(
+        self, graph: GraphProto, ir_version: int, parent: Optional["Scope"] = None, opset: int = 0
+    ) -> None:
         self.parent = parent
         self.ir_version = ir_version
+        self.opset = opset or (parent.opset if parent is not None else 0)  # default-domain opset
         self.inputs = {i.name for i in graph.input}
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in graph.initializer}
         self.constants: Dict[str, TensorProto] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
-from onnx import GraphProto, NodeProto, numpy_helper
+from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..report import FoldReport
 from .graph import GraphIndex, Names, Scope
@@ -49,9 +49,17 @@ class GraphRewrite:
         return None if shape is None else len(shape)
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
+        """Add ``value`` as a new initializer under a fresh name; return the name.
+
+        Below IR 4 every initializer must also be a graph input, so one is added there too.
+        """
         name = self.names.fresh(base)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.scope.initializers[name] = self.graph.initializer[-1]
+        tensor = self.graph.initializer.add()  # filled in place: append() would copy it
+        _fill_tensor(tensor, name, value)
+        self.scope.initializers[name] = tensor
+        if self.scope.ir_version < 4:
+            self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
+            self.scope.inputs.add(name)
         return name
 
     def set_input(self, node: NodeProto, position: int, name: str) -> None:
@@ -120,3 +128,19 @@ class GraphRewrite:
                 del self.graph.value_info[:]
                 self.graph.value_info.extend(vi)
 
+
+def _fill_tensor(tensor: TensorProto, name: str, value: np.ndarray) -> None:
+    """Write ``value`` into an empty TensorProto as raw little-endian bytes."""
+    try:
+        data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+    except (KeyError, ValueError, TypeError):
+        data_type = None
+    if data_type is None or value.dtype.kind not in "fiu" and value.dtype.name != "bfloat16":
+        tensor.CopyFrom(numpy_helper.from_array(value, name))
+        return
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(value.shape)
+    if value.dtype.byteorder == ">":
+        value = value.astype(value.dtype.newbyteorder("<"))
+    tensor.raw_data = np.ascontiguousarray(value).tobytes()
