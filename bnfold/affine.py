@@ -116,7 +116,8 @@ def fold_after(
             "channel-mismatch",
             f"the linear op has {n} output channels, the BatchNorm has {a.shape[0]}",
         )
-    w64 = np.asarray(weight, dtype=np.float64) * channel_broadcast(weight.shape, a, axis, groups)
+    # weight * float64 scale computes in float64 without a float64 copy of the weight first
+    w64 = np.multiply(weight, channel_broadcast(weight.shape, a, axis, groups), dtype=np.float64)
     c64 = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64).reshape(n)
     return w64, c64 * a + b
 
@@ -170,11 +171,12 @@ def cast_back(value64: np.ndarray, dtype, what: str) -> np.ndarray:
     that becomes infinite or NaN in the target dtype (float16 beyond 65504, say) raises
     :class:`Refusal` rather than writing a broken model.
     """
-    if not np.all(np.isfinite(value64)):
-        raise Refusal("non-finite-result", f"the folded {what} is not finite")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
         out = value64.astype(dtype)
-    if not np.all(np.isfinite(out.astype(np.float64))):
+    # NaN and infinity survive the cast, so one check of the result covers both causes
+    if not np.all(np.isfinite(out)):
+        if not np.all(np.isfinite(value64)):
+            raise Refusal("non-finite-result", f"the folded {what} is not finite")
         big = float(np.max(np.abs(value64)))
         raise Refusal(
             "overflow",

@@ -27,6 +27,12 @@ class BnfoldError(Exception):
     exit_code = EXIT_INPUT
 
 
+class CheckFailed(BnfoldError):
+    """The folded model does not compute what the original computed."""
+
+    exit_code = EXIT_MISMATCH
+
+
 class InputError(BnfoldError):
     """The input is missing, unreadable, or not a valid model."""
 

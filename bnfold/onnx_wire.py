@@ -252,8 +252,52 @@ def copy_range(src_path: str, offset: int, length: int, out) -> None:
     out.seek(0, os.SEEK_END)
 
 
-def stub_bytes_total(graph: GraphProto) -> int:
-    return sum(stub_source(t)[2] for t in graph.initializer if is_stub(t))
+class Spill:
+    """A scratch file for new tensors, so that a fold's results need not stay in memory.
+
+    :meth:`stub` writes an array's bytes to the file and returns a stub for them; the writer
+    later copies them into the output like any untouched weight. The file is deleted on
+    :meth:`close` (use as a context manager). Put it on the output's file system so that
+    the copy stays inside the kernel.
+    """
+
+    min_bytes = LAZY_MIN_BYTES
+
+    def __init__(self, folder: Optional[str] = None) -> None:
+        import tempfile
+
+        self._file = tempfile.NamedTemporaryFile(prefix=".bnfold-spill-", suffix=".tmp", dir=folder, delete=False)
+        self.path = os.path.realpath(self._file.name)
+        self._offset = 0
+
+    def stub(self, name: str, value) -> TensorProto:
+        """Write ``value`` (a numpy array) to the file; return a stub TensorProto named ``name``."""
+        from onnx import helper
+
+        value = value.astype(value.dtype.newbyteorder("<"), copy=False)
+        data = value.tobytes()
+        self._file.write(data)
+        self._file.flush()
+        header = TensorProto()
+        header.name = name
+        header.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+        header.dims.extend(value.shape)
+        stub = make_stub(header, self.path, self._offset, len(data))
+        self._offset += len(data)
+        return stub
+
+    def close(self) -> None:
+        self._file.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 __all__ = [
@@ -265,7 +309,7 @@ __all__ = [
     "key",
     "make_stub",
     "read_lazy",
-    "stub_bytes_total",
+    "Spill",
     "stub_source",
     "varint",
 ]

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, BnfoldError, InputError
+from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, BnfoldError, CheckFailed, InputError, OutputError
 from .report import FoldReport
 
 ONNX_SUFFIX = ".onnx"
@@ -26,10 +26,16 @@ class FoldOutcome:
     report: Optional[FoldReport] = None
     verdict: object = None  # a bnfold.verify.CheckResult when the check ran
     seconds: float = 0.0
+    exception: Optional[BnfoldError] = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.exit_code == EXIT_OK
+
+    def raise_for_error(self) -> None:
+        """Raise the failure as a :class:`bnfold.errors.BnfoldError` (for the Python API)."""
+        if self.exception is not None:
+            raise self.exception
 
     def to_dict(self) -> Dict:
         out = {
@@ -60,7 +66,7 @@ def fold_path(
     writing and the equivalence check both succeed. Expected failures come back in the
     outcome (``exit_code``, ``error``); bugs propagate.
     """
-    from .onnx_io import check_output_path, read_model_lazy, staged_output, write_model
+    from .onnx_io import check_output_path, read_model_lazy
     from .onnx_pass import fold_model_proto
 
     start = time.perf_counter()
@@ -71,26 +77,49 @@ def fold_path(
         protect = {os.path.realpath(source)} | data_files
         if dst is not None:
             check_output_path(os.fspath(dst), protect)  # before the work, not after it
-        outcome.report = fold_model_proto(model)
-        if dst is not None:
-            with staged_output(os.fspath(dst), protect=protect) as staged:
-                write_model(model, staged, external=True if data_files else None)
-                del model  # written; free it before onnxruntime loads both models
-                if check:
-                    labels = (os.fspath(src), os.fspath(dst))
-                    outcome.verdict = _check(source, staged, seed, shapes or {}, labels)
-                    outcome.report.extra["check"] = outcome.verdict.to_dict()
-                    if not outcome.verdict:
-                        raise _Mismatch()
+        with _spill_beside(dst) as spill:  # new weights wait on disk, not in memory
+            outcome.report = fold_model_proto(model, spill=spill)
+            if dst is not None:
+                options = dict(external=bool(data_files), check=check, seed=seed, shapes=shapes)
+                _write_and_check(model, source, os.fspath(dst), protect, outcome, **options)
     except _Mismatch:
-        outcome.exit_code = EXIT_MISMATCH
-        outcome.error = "the folded model does not match the original; nothing written"
+        exc = CheckFailed("the folded model does not match the original; nothing written")
+        outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
     except BnfoldError as exc:
-        outcome.exit_code, outcome.error = exc.exit_code, str(exc)
+        outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
     outcome.seconds = time.perf_counter() - start
     if outcome.report is not None:
         outcome.report.extra["total_seconds"] = round(outcome.seconds, 6)
     return outcome
+
+
+def _spill_beside(dst: Optional[str]):
+    """A scratch file on the output's file system (kernel-side copies), or the temp folder."""
+    from .onnx_wire import Spill
+
+    folder = None if dst is None else os.path.dirname(os.path.abspath(dst))
+    try:
+        return Spill(folder)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc})") from None
+
+
+def _write_and_check(model, source: str, dst: str, protect, outcome, *, external, check, seed, shapes) -> None:
+    """Write ``model`` to ``dst`` through a staging folder; check it there before moving it in.
+
+    ``external``: write tensors to a data file beside ``dst`` (as the input had them); else
+    only when the model exceeds the protobuf limit.
+    """
+    from .onnx_io import staged_output, write_model
+
+    with staged_output(dst, protect=protect) as staged:
+        write_model(model, staged, external=True if external else None)
+        if check:
+            labels = (outcome.source, dst)
+            outcome.verdict = _check(source, staged, seed, shapes or {}, labels)
+            outcome.report.extra["check"] = outcome.verdict.to_dict()
+            if not outcome.verdict:
+                raise _Mismatch()
 
 
 class _Mismatch(Exception):
@@ -176,6 +205,7 @@ def _job(src: str, dst: str, options) -> FoldOutcome:
     except Exception as exc:  # a bug on one model must not stop the others
         outcome = FoldOutcome(src, dst, EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc})")
     outcome.verdict = None if outcome.verdict is None else outcome.verdict.to_dict()
+    outcome.exception = None  # results cross a process boundary: keep them plain
     return outcome
 
 

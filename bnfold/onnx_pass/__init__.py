@@ -31,7 +31,7 @@ from .chain import Refusals, fold_chain_after, is_linear
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .merge import merge_after_bn
 from .reasons import EXTRA_REASONS  # noqa: F401 (re-exported for the report)
-from .rewrite import GraphRewrite
+from .rewrite import FoldContext, GraphRewrite
 
 # Rule names as they appear in reports ("<op>" is conv, convtranspose, gemm or matmul).
 RULES: Dict[str, str] = {
@@ -70,24 +70,30 @@ def fold_onnx(model: ModelLike, *, inplace: bool = False) -> Tuple[ModelProto, F
     return model, report
 
 
-def fold_file(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os.PathLike[str]"]) -> FoldReport:
-    """Fold the model at ``src`` and write it to ``dst`` atomically (see :mod:`bnfold.onnx_io`)."""
-    from ..onnx_io import read_model, staged_output, write_model
+def fold_file(
+    src: Union[str, "os.PathLike[str]"], dst: Union[str, "os.PathLike[str]"], *, check: bool = True, seed: int = 0
+) -> FoldReport:
+    """Fold the model at ``src`` and write it to ``dst``; return the report.
 
-    src = os.path.abspath(os.fspath(src))
-    model, data_files = read_model(src)
-    report = fold_model_proto(model)
-    with staged_output(os.fspath(dst), protect={os.path.realpath(src)} | data_files) as staged:
-        write_model(model, staged, external=True if data_files else None)
-    return report
+    Weights are read lazily and copied through (see :mod:`bnfold.pipeline`), the result is
+    checked with onnxruntime unless ``check=False``, and ``dst`` is written atomically.
+    Raises :class:`bnfold.errors.BnfoldError` (``CheckFailed`` on a mismatch).
+    """
+    from ..pipeline import fold_path
+
+    outcome = fold_path(os.fspath(src), os.fspath(dst), check=check, seed=seed)
+    outcome.raise_for_error()
+    return outcome.report
 
 
-def fold_model_proto(model: ModelProto) -> FoldReport:
-    """Fold ``model`` in place and return the report."""
+def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
+    """Fold ``model`` in place and return the report.
+
+    ``spill`` (a :class:`bnfold.onnx_wire.Spill`) makes new large tensors stubs backed by a
+    scratch file instead of memory; the file-to-file pipeline uses it to bound peak memory.
+    """
     start = time.perf_counter()
     report = FoldReport(method="onnx-graph")
-    opset = _default_opset(model)
-    names = Names(all_graphs(model.graph))
     shapes_cache: Dict[str, tuple] = {}
 
     def shapes() -> Dict[str, tuple]:
@@ -100,9 +106,9 @@ def fold_model_proto(model: ModelProto) -> FoldReport:
     # Inference runs on the untouched model: the rewrites rename values as they go.
     if any(is_linear(n) or is_batchnorm(n) for g in all_graphs(model.graph) for n in g.node):
         shapes()
-    orphans: list = []
-    _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=opset), names, report, "", opset, shapes, orphans)
-    _drop_unused(model.graph, orphans, model.ir_version)
+    ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), shapes, spill)
+    _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=ctx.opset), ctx, "")
+    _drop_unused(model.graph, ctx.orphans, model.ir_version)
     _note_affine(report)
     report.seconds = time.perf_counter() - start
     return report
@@ -127,14 +133,13 @@ def _default_opset(model: ModelProto) -> int:
     return 1
 
 
-def _fold_graph(graph: GraphProto, scope: Scope, names: Names, report: FoldReport, path: str,
-                opset: int, shapes, orphans: list) -> None:
+def _fold_graph(graph: GraphProto, scope: Scope, ctx: FoldContext, path: str) -> None:
     for node in graph.node:
         for attr_name, sub in subgraphs(node):
             sub_path = f"{path}/{node_label(node)}.{attr_name}".lstrip("/")
             sub_scope = Scope(sub, scope.ir_version, parent=scope)
-            _fold_graph(sub, sub_scope, names, report, sub_path, opset, shapes, orphans)
-    rw = GraphRewrite(graph, scope, names, report, path, opset, shapes)
+            _fold_graph(sub, sub_scope, ctx, sub_path)
+    rw = GraphRewrite(graph, scope, ctx, path)
     handled: set = set()  # id() of BNs folded
     refusals: Refusals = {}  # id() of a BN -> why the linear op before it could not take it
     nodes = list(graph.node)
@@ -147,7 +152,7 @@ def _fold_graph(graph: GraphProto, scope: Scope, names: Names, report: FoldRepor
         if is_batchnorm(node) and id(node) not in handled and id(node) not in rw.removed:
             _fold_leftover_bn(rw, node, handled, refusals)
     rw.commit()
-    orphans.extend(rw.orphans)
+    ctx.orphans.extend(rw.orphans)
 
 
 def _fold_leftover_bn(rw: GraphRewrite, bn: NodeProto, handled: set, refusals: Refusals) -> None:

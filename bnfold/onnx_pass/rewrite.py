@@ -4,6 +4,7 @@ these, so a refused fold leaves the graph untouched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
@@ -13,6 +14,18 @@ from ..report import FoldReport
 from .graph import GraphIndex, Names, Scope
 
 
+@dataclass
+class FoldContext:
+    """What every graph of one model shares while it is folded."""
+
+    names: Names
+    report: FoldReport
+    opset: int
+    shapes: Callable[[], Dict[str, tuple]]
+    spill: Optional[object] = None  # a bnfold.onnx_wire.Spill, or None to keep tensors in memory
+    orphans: List[str] = field(default_factory=list)
+
+
 class GraphRewrite:
     """One graph being folded: its index, its constants and the pending edits."""
 
@@ -20,20 +33,18 @@ class GraphRewrite:
         self,
         graph: GraphProto,
         scope: Scope,
-        names: Names,
-        report: FoldReport,
+        ctx: "FoldContext",
         path: str,
-        opset: int,
-        shapes: Callable[[], Dict[str, tuple]],
     ) -> None:
         self.graph = graph
         self.scope = scope
         self.index = GraphIndex(graph)
-        self.names = names
-        self.report = report
+        self.names = ctx.names
+        self.report = ctx.report
         self.path = path
-        self.opset = opset
-        self._shapes = shapes
+        self.opset = ctx.opset
+        self._shapes = ctx.shapes
+        self._spill = ctx.spill
         self.inserted: Dict[int, List[NodeProto]] = {}  # id() of node -> nodes to place after it
         self.const_cache: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
         self.removed: Set[int] = set()  # id() of nodes to drop
@@ -55,7 +66,10 @@ class GraphRewrite:
         """
         name = self.names.fresh(base)
         tensor = self.graph.initializer.add()  # filled in place: append() would copy it
-        _fill_tensor(tensor, name, value)
+        if self._spill is not None and value.nbytes >= self._spill.min_bytes:
+            tensor.CopyFrom(self._spill.stub(name, value))
+        else:
+            _fill_tensor(tensor, name, value)
         self.scope.initializers[name] = tensor
         if self.scope.ir_version < 4:
             self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
