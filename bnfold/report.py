@@ -28,7 +28,19 @@ REASONS: Dict[str, str] = {
     "unsupported-attribute": "an attribute bnfold cannot fold exactly",
     "shared-module-different-bn": "the module is called more than once with different followers",
     "padded-conv": "the conv pads its input with zeros, which are not shifted by the BN",
+    "unreadable-constant": "a constant's data cannot be read",
+    # ONNX rules for affine chains and BN before a linear op
+    "division-by-zero": "a Div's constant divisor contains zero",
+    "not-affine": "the op is not an affine map of its input (a constant divided by the data)",
+    "no-linear-consumer": "the BN feeds no linear op it could be folded into",
+    "consumer-cannot-absorb": "a consumer of the BN's output cannot absorb the BN",
+    "bn-output-is-graph-output": "the BN's output is a graph output",
 }
+
+# Mul/Add/Sub/Div runs folded or left by the ONNX rules are listed in ``extra`` under these
+# keys (``folded``/``skipped`` hold one entry per BatchNormalization).
+AFFINE_FOLDED = "affine_folded"
+AFFINE_SKIPPED = "affine_skipped"
 
 
 @dataclass
@@ -124,8 +136,21 @@ class FoldReport:
                 where = f" in {s.graph}" if s.graph else ""
                 after = f" after {s.producer_op} {s.producer}" if s.producer else ""
                 lines.append(f"  skipped {s.bn}{after}{where}: {s.detail} [{s.reason}]")
+        if verbose:
+            lines.extend(self._affine_lines())
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def _affine_lines(self) -> List[str]:
+        lines = []
+        for e in self.extra.get(AFFINE_FOLDED, []):
+            where = f" in {e['graph']}" if e.get("graph") else ""
+            lines.append(f"  folded  {e['op']} {e['node']} into {e['into_op']} {e['into']}{where} [{e['rule']}]")
+        for e in self.extra.get(AFFINE_SKIPPED, []):
+            where = f" in {e['graph']}" if e.get("graph") else ""
+            lines.append(f"  skipped {e['op']} {e['node']} after {e['after_op']} {e['after']}{where}: "
+                         f"{e['detail']} [{e['reason']}]")
+        return lines
 
     def __str__(self) -> str:
         return self.summary()

@@ -10,7 +10,7 @@ Two kinds of anchor, each node looked at a bounded number of times (linear in gr
    feeds (``before.py``).
 
 Every rule computes in float64 and raises :class:`bnfold.affine.Refusal` with a reason code
-(:data:`bnfold.report.REASONS`, plus :data:`reasons.EXTRA_REASONS`) when a fold would not be
+(:data:`bnfold.report.REASONS`) when a fold would not be
 exact. ``report.folded`` / ``report.skipped`` hold one entry per BN; Mul/Add/Sub/Div runs are
 listed in ``report.extra["affine_folded"]`` / ``["affine_skipped"]``.
 """
@@ -30,7 +30,6 @@ from .bn import is_batchnorm
 from .chain import Refusals, fold_chain_after, is_linear
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .merge import merge_after_bn
-from .reasons import EXTRA_REASONS  # noqa: F401 (re-exported for the report)
 from .rewrite import FoldContext, GraphRewrite
 
 # Rule names as they appear in reports ("<op>" is conv, convtranspose, gemm or matmul).
@@ -116,7 +115,7 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
 
 def _note_affine(report: FoldReport) -> None:
     """One summary line for the Mul/Add/Sub/Div runs (their entries are in report.extra)."""
-    from .affine_ops import AFFINE_FOLDED, AFFINE_SKIPPED
+    from ..report import AFFINE_FOLDED, AFFINE_SKIPPED
 
     folded, skipped = report.extra.get(AFFINE_FOLDED, []), report.extra.get(AFFINE_SKIPPED, [])
     if folded or skipped:

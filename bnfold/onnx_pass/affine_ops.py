@@ -13,6 +13,7 @@ import numpy as np
 from onnx import NodeProto
 
 from ..affine import Refusal
+from ..report import AFFINE_FOLDED, AFFINE_SKIPPED
 from .consts import constant_value
 from .graph import node_label
 from .layout import Axis
@@ -20,10 +21,6 @@ from .rewrite import GraphRewrite
 
 AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 
-# The report's folded/skipped lists are one entry per BatchNormalization; Mul/Add/Sub/Div runs
-# go to these lists in ``report.extra`` (and so into the JSON report) instead.
-AFFINE_FOLDED = "affine_folded"
-AFFINE_SKIPPED = "affine_skipped"
 
 
 def report_affine_folded(rw: GraphRewrite, node: NodeProto, into: NodeProto, rule: str) -> None:
