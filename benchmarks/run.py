@@ -59,11 +59,21 @@ PYTHON_MODULES = {"onnx_ir": "onnx_ir", "onnxoptimizer": "onnxoptimizer", "onnxs
 # ---------------------------------------------------------------- processes
 
 
-def run_process(cmd: List[str], timeout: float) -> Dict[str, Any]:
-    """Run ``cmd`` as a fresh process; return wall time, peak RSS (MB), exit code, stderr tail."""
-    with tempfile.TemporaryFile() as err:
+TIME = "/usr/bin/time"  # GNU time: a tiny launcher that reports its child's exact peak RSS
+
+
+def run_process(cmd: List[str], timeout: float, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run ``cmd`` as a fresh process; return wall time, peak RSS (MB), exit code, stderr tail.
+
+    Peak RSS: Linux carries a parent's RSS high-water mark into a child it forks, so a
+    child of this (large) harness process would report at least the harness's own RSS. So the
+    tool is started by GNU time, whose few-MB RSS is all the child inherits, and its ``%M``
+    (the child's ru_maxrss) is read back. Without GNU time, the rusage of our own child is used.
+    """
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss_file:
+        launcher = [TIME, "-q", "-f", "%M", "-o", rss_file.name] if os.access(TIME, os.X_OK) else []
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=WORK)
+        proc = subprocess.Popen(launcher + cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=WORK, env=env)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
@@ -78,28 +88,61 @@ def run_process(cmd: List[str], timeout: float) -> Dict[str, Any]:
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         tail = err.read().decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        kib = usage.ru_maxrss
+        if launcher:
+            text = rss_file.read().strip().splitlines()
+            kib = int(text[-1]) if text and text[-1].isdigit() else kib
     return {
         "seconds": seconds,
-        "peak_rss_mb": usage.ru_maxrss / 1024.0,  # Linux reports KiB
+        "peak_rss_mb": kib / 1024.0,  # Linux reports KiB
         "rc": proc.returncode,
         "timed_out": seconds >= timeout,
         "stderr": tail[0][:300],
     }
 
 
+BNFOLD_MAIN = "import sys; from bnfold.cli import main; sys.exit(main())"
+
+
+def bnfold_snapshot(ref: str) -> Optional[str]:
+    """Export ``bnfold/`` at git ``ref`` into the work folder; return the folder for PYTHONPATH.
+
+    Measuring a committed snapshot keeps a long run steady while the working tree changes
+    under it. ``ref == "worktree"``: use the installed bnfold as it is (returns None).
+    """
+    if ref == "worktree":
+        return None
+    dest = os.path.join(WORK, "bnfold-src")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "archive", ref, "bnfold"], capture_output=True, cwd=REPO, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
 def tool_command(tool: str, src: str, dst: str, external: bool) -> List[str]:
     """The command line that runs ``tool`` on ``src`` and writes ``dst``."""
     python = sys.executable
     if tool == "bnfold":
-        exe = shutil.which("bnfold")
-        head = [exe] if exe else [python, "-c", "import sys; from bnfold.cli import main; sys.exit(main())"]
-        return head + [src, "-o", dst, "--no-check"]
+        return [python, "-c", BNFOLD_MAIN, src, "-o", dst, "--no-check"]
     if tool == "onnxslim":
         return [shutil.which("onnxslim") or "onnxslim", src, dst]
     if tool == "onnxsim":
         cmd = [shutil.which("onnxsim") or "onnxsim", src, dst, "0"]  # 0: no check runs, like --no-check
         return cmd + (["--save-as-external-data"] if external else [])
     return [python, os.path.join(HERE, "peers.py"), tool, src, dst] + (["--external"] if external else [])
+
+
+BNFOLD_PATH: Optional[str] = None  # set by main() to the snapshot folder
+
+
+def tool_env(tool: str) -> Optional[Dict[str, str]]:
+    """bnfold runs from the snapshot (if any), found first on PYTHONPATH."""
+    if tool != "bnfold" or BNFOLD_PATH is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = BNFOLD_PATH + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 def available(tool: str) -> Optional[str]:
@@ -118,13 +161,21 @@ def remove_output(path: str) -> None:
             os.remove(p)
 
 
-def output_counts(path: str) -> Dict[str, int]:
-    """Node count and BatchNormalization count of a written model (weights not loaded)."""
-    import onnx
+COUNT_SCRIPT = """
+import collections, json, sys, onnx
+m = onnx.load(sys.argv[1], load_external_data=False)
+ops = [n.op_type for n in m.graph.node]
+print(json.dumps({"nodes_out": len(ops), "bn_left": ops.count("BatchNormalization")}))
+"""
 
-    model = onnx.load(path, load_external_data=False)
-    ops = [n.op_type for n in model.graph.node]
-    return {"nodes_out": len(ops), "bn_left": ops.count("BatchNormalization")}
+
+def output_counts(path: str) -> Dict[str, int]:
+    """Node count and BatchNormalization count of a written model.
+
+    Parsed in a child process, so the harness never holds a model (its RSS stays small).
+    """
+    proc = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, path], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
 
 # ---------------------------------------------------------------- fold benchmark
@@ -162,7 +213,7 @@ def bench_fold(name: str, src: str, tools: List[str], runs: int, timeout: float)
         for tool in list(active):
             dst = os.path.join(WORK, f"{name}.out.{tool}.onnx")
             remove_output(dst)
-            r = run_process(tool_command(tool, src, dst, external), timeout)
+            r = run_process(tool_command(tool, src, dst, external), timeout, tool_env(tool))
             results[tool]["runs"].append(r)
             ok = r["rc"] == 0 and os.path.exists(dst)
             print(f"    {name:12s} {tool:14s} run {round_no + 1}/{runs}: {r['seconds']:7.2f} s "
@@ -199,9 +250,9 @@ def summarize(entry: Dict[str, Any]) -> None:
 def bench_startup(runs: int) -> Dict[str, Any]:
     """Start-up cost of the bnfold command alone (``bnfold --help``) and of a bare Python."""
     out = {}
-    exe = shutil.which("bnfold")
-    for label, cmd in (("python", [sys.executable, "-c", "pass"]), ("bnfold --help", [exe or "bnfold", "--help"])):
-        entry = {"runs": [run_process(cmd, 60) for _ in range(runs)]}
+    for label, cmd, tool in (("python", [sys.executable, "-c", "pass"], None),
+                             ("bnfold --help", [sys.executable, "-c", BNFOLD_MAIN, "--help"], "bnfold")):
+        entry = {"runs": [run_process(cmd, 60, tool_env(tool or "")) for _ in range(runs)]}
         summarize(entry)
         out[label] = entry
     return out
@@ -227,7 +278,7 @@ def bench_torch(quick: bool, timeout: float) -> Dict[str, Any]:
         out = os.path.join(tmp, "torch.json")
         cmd = [sys.executable, script, "--json", out] + (["--size", "112", "--rounds", "10"] if quick else [])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=tool_env("bnfold"))
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s"}
         if proc.returncode != 0 or not os.path.exists(out):
@@ -248,8 +299,10 @@ def environment(args) -> Dict[str, Any]:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             versions[dist] = None
-    commit = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "bnfold"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    ref = "HEAD" if args.bnfold_ref == "worktree" else args.bnfold_ref
+    commit = subprocess.run(["git", "log", "-1", "--format=%h %s", ref], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = args.bnfold_ref == "worktree" and subprocess.run(
+        ["git", "status", "--porcelain", "--", "bnfold"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     try:
         import psutil
 
@@ -295,6 +348,9 @@ def parse_args(argv):
     parser.add_argument("--no-latency", action="store_true", help="skip the inference-latency part")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager part")
     parser.add_argument("--regenerate", action="store_true", help="rebuild the models even if cached")
+    parser.add_argument("--bnfold-ref", default="HEAD",
+                        help="git ref of bnfold/ to measure, exported to benchmarks/work/bnfold-src "
+                        "(default HEAD; 'worktree': the installed bnfold, uncommitted changes included)")
     parser.add_argument("--out", help="folder for RESULTS.md and results.json (default benchmarks/, quick: benchmarks/work/quick/)")
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
@@ -313,6 +369,8 @@ def main(argv=None) -> int:
     # turn `kill` into an exception, so the running tool's process is killed too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
+    global BNFOLD_PATH
+    BNFOLD_PATH = bnfold_snapshot(args.bnfold_ref)
     result: Dict[str, Any] = {"environment": environment(args), "models": {}}
     print(f"bnfold benchmarks ({result['environment']['mode']}): {', '.join(args.models)}", flush=True)
     result["startup"] = bench_startup(args.runs)
