@@ -117,6 +117,9 @@ def bnfold_snapshot(ref: str) -> Optional[str]:
     os.makedirs(dest)
     archive = subprocess.run(["git", "archive", ref, "bnfold"], capture_output=True, cwd=REPO, check=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    # byte-compile it, as pip does on install: else every run would compile bnfold's sources
+    # (PYTHONDONTWRITEBYTECODE stops Python from caching them), a cost users do not pay
+    subprocess.run([sys.executable, "-m", "compileall", "-q", dest], check=True)
     return dest
 
 
