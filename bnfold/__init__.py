@@ -27,11 +27,10 @@ __all__ = [
 
 def fold(obj, **kwargs):
     """Fold an ONNX model (ModelProto or path) or a torch ``nn.Module``; return ``(folded, report)``."""
-    try:
-        import torch.nn as nn  # only if the caller has torch; never required
-    except ImportError:
-        nn = None
-    if nn is not None and isinstance(obj, nn.Module):
+    import sys
+
+    torch = sys.modules.get("torch")  # an nn.Module exists only if torch is already imported
+    if torch is not None and isinstance(obj, torch.nn.Module):
         from .torch_pass import fold_module as _fold_module
 
         return _fold_module(obj, **kwargs)

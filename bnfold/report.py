@@ -35,6 +35,12 @@ REASONS: Dict[str, str] = {
     "no-linear-consumer": "the BN feeds no linear op it could be folded into",
     "consumer-cannot-absorb": "a consumer of the BN's output cannot absorb the BN",
     "bn-output-is-graph-output": "the BN's output is a graph output",
+    # PyTorch front end
+    "unsupported-module": "a subclass with its own forward, a parametrized weight, or SyncBatchNorm",
+    "module-has-hooks": "a forward hook or pre-hook on the module could change what it computes",
+    "parameter-used-elsewhere": "a weight or buffer of the module is also read outside its own calls",
+    "not-called": "the BN is never called on the traced or observed path",
+    "unverified": "the folded module did not re-trace to the same calls, so the fold was undone",
 }
 
 # Mul/Add/Sub/Div runs folded or left by the ONNX rules are listed in ``extra`` under these

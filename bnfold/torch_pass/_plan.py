@@ -22,17 +22,14 @@ import torch
 import torch.nn as nn
 
 from ..affine import Refusal
-from ..report import FoldReport
+from ..report import REASONS, FoldReport
 from ._kinds import FOLD_DTYPES, bn_kind, is_batchnorm, is_producer_type, producer_kind, rank_verdict
 from ._math import bn_affine, fold_tensors
 
-# Reason codes this front end adds to bnfold.report.REASONS.
+# Reason codes this front end adds (their sentences live in bnfold.report.REASONS).
 TORCH_REASONS: Dict[str, str] = {
-    "unsupported-module": "a subclass with its own forward, a parametrized weight, or SyncBatchNorm",
-    "module-has-hooks": "a forward hook or pre-hook on the module could change what it computes",
-    "parameter-used-elsewhere": "a weight or buffer of the module is also read outside its own calls",
-    "not-called": "the BN is never called on the traced or observed path",
-    "unverified": "the folded module did not re-trace to the same calls, so the fold was undone",
+    code: REASONS[code]
+    for code in ("unsupported-module", "module-has-hooks", "parameter-used-elsewhere", "not-called", "unverified")
 }
 
 
