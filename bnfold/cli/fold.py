@@ -162,11 +162,12 @@ def _fold_program(model, output, dry_run, verbose, json_path):
         raise InputError(
             f"{model}: folding .pt2 programs needs PyTorch: pip install 'bnfold[torch]'"
         ) from None
-    if dry_run:
-        raise click.UsageError("--dry-run is not supported for .pt2 programs yet")
     start = time.perf_counter()
-    report = fold_program_file(model, output)
+    report = fold_program_file(model, None if dry_run else output)
     click.echo(report.summary(verbose=verbose))
-    click.echo(f"  wrote {output} in {time.perf_counter() - start:.2f} s")
+    if dry_run:
+        click.echo("  dry run: nothing written")
+    else:
+        click.echo(f"  wrote {output} in {time.perf_counter() - start:.2f} s")
     if json_path:
         _write_json(json_path, report.to_json())

@@ -31,19 +31,13 @@ import torch
 import torch.nn as nn
 
 from ..affine import Refusal
-from ..errors import BnfoldError, EXIT_MISMATCH, InputError
+from ..errors import CheckFailed, InputError
 from ..report import FoldReport
 from ._kinds import FOLD_DTYPES
 from ._math import bn_affine, fold_tensors, to_numpy
 from ._observe import PRODUCER_OPS, bn_eval_output, op_name
 
 MAX_ARCHIVE_ENTRIES = 100_000
-
-
-class FoldMismatchError(BnfoldError):
-    """The folded program computes something else than the original (a bnfold bug)."""
-
-    exit_code = EXIT_MISMATCH
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,17 +457,19 @@ def _outputs(ep, example_inputs) -> Dict[str, np.ndarray]:
     return {f"output_{i}": to_numpy(v) for i, v in enumerate(leaves)}
 
 
-def fold_program_file(src_path: str, dst_path: str) -> FoldReport:
-    """Fold a ``.pt2`` program written by ``torch.export.save`` into ``dst_path``.
+def fold_program_file(src_path: str, dst_path: Optional[str]) -> FoldReport:
+    """Fold a ``.pt2`` program written by ``torch.export.save`` into ``dst_path`` (None: report only).
 
     The input is screened and loaded without unpickling (see the module docstring). When the
     program carries example inputs, the folded program is run against the original on them
     (bnfold's tolerance rule) before anything is written. Raises InputError (unreadable or
-    unsafe input), OutputError, or FoldMismatchError (nothing written).
+    unsafe input), OutputError, or CheckFailed (nothing written).
     """
-    from ..onnx_io import staged_output
+    from ..onnx_io import check_output_path, staged_output
     from ..verify import compare_outputs
 
+    if dst_path is not None:
+        check_output_path(dst_path, {os.path.realpath(src_path)})  # before the work
     ep = load_program(src_path)
     examples = getattr(ep, "example_inputs", None)
     expected = _outputs(ep, examples) if examples else None
@@ -482,9 +478,10 @@ def fold_program_file(src_path: str, dst_path: str) -> FoldReport:
         verdict = compare_outputs(expected, _outputs(ep, examples))
         report.extra["check"] = verdict.to_dict()
         if not verdict:
-            raise FoldMismatchError(f"{src_path}: the folded program does not match the original; nothing written")
+            raise CheckFailed(f"{src_path}: the folded program does not match the original; nothing written")
     else:
         report.notes.append("the program carries no example inputs; the fold was not run against the original")
-    with staged_output(dst_path, protect={os.path.realpath(src_path)}) as staged:
-        torch.export.save(ep, staged)
+    if dst_path is not None:
+        with staged_output(dst_path, protect={os.path.realpath(src_path)}) as staged:
+            torch.export.save(ep, staged)
     return report
