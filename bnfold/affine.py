@@ -118,8 +118,17 @@ def fold_after(
         )
     # weight * float64 scale computes in float64 without a float64 copy of the weight first
     w64 = np.multiply(weight, channel_broadcast(weight.shape, a, axis, groups), dtype=np.float64)
-    c64 = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64).reshape(n)
-    return w64, c64 * a + b
+    return w64, _bias64(bias, n) * a + b
+
+
+def _bias64(bias: Optional[np.ndarray], n: int) -> np.ndarray:
+    """``bias`` as a float64 vector of ``n`` values (zeros when absent); refuse another size."""
+    if bias is None:
+        return np.zeros(n)
+    bias = np.asarray(bias, dtype=np.float64)
+    if bias.size != n:
+        raise Refusal("channel-mismatch", f"the bias has {bias.size} values for {n} output channels")
+    return bias.reshape(n)
 
 
 def fold_before(
@@ -160,8 +169,7 @@ def fold_before(
     w_new = w64 * a_full
     # sum of W * b over every axis but the output axis
     shift = (w64 * b_full).sum(axis=tuple(i for i in range(w64.ndim) if i != out_axis))
-    c64 = np.zeros(n_out) if bias is None else np.asarray(bias, dtype=np.float64).reshape(n_out)
-    return w_new, c64 + shift
+    return w_new, _bias64(bias, n_out) + shift
 
 
 def cast_back(value64: np.ndarray, dtype, what: str) -> np.ndarray:

@@ -44,7 +44,9 @@ def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[s
         model.ParseFromString(data)
     except RecursionError:
         raise LimitError(f"{path}: the model is nested too deeply to parse") from None
-    except Exception:
+    except Exception as exc:
+        if "depth" in str(exc).lower():  # upb's recursion limit (MaxDepth) is a DecodeError
+            raise LimitError(f"{path}: the model is nested too deeply to parse") from None
         raise InputError(f"{path}: not an ONNX model (the protobuf is corrupt or truncated)") from None
     del data
     if not model.HasField("graph") or model.ir_version <= 0:
@@ -52,7 +54,70 @@ def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[s
     files: Set[str] = set()
     if load_external:
         files = load_external_data(model, os.path.dirname(os.path.abspath(path)))
+    for tensor in iter_tensors(model.graph):
+        check_tensor_size(tensor, _stored_bytes(tensor))
     return model, files
+
+
+# Tensors claiming more than this are refused outright (LimitError), whatever their data;
+# a tensor claiming more than ABSURD_UNBACKED_BYTES without the data to match is a limit too
+# (someone is probing sizes), a smaller mismatch a corrupt file.
+MAX_TENSOR_BYTES = 1 << 40
+ABSURD_UNBACKED_BYTES = 1 << 31
+
+_SUB_BYTE_TYPES = {
+    getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)
+}
+
+
+def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
+    """Refuse a tensor whose dims are negative or absurd, or whose data has another size.
+
+    ``stored`` is the number of data bytes it holds (raw or external), None when its values
+    sit in typed fields. Checked before anything is read or allocated from its dims.
+    """
+    name = tensor.name or "<unnamed>"
+    if any(d < 0 for d in tensor.dims):
+        raise InputError(f"tensor '{name}' has a negative dimension {list(tensor.dims)}")
+    count = 1
+    for d in tensor.dims:
+        count *= d  # Python ints: no overflow
+    itemsize = _itemsize(tensor.data_type)
+    need = (count + 1) // 2 if tensor.data_type in _SUB_BYTE_TYPES else (None if itemsize is None else count * itemsize)
+    if need is not None and need > MAX_TENSOR_BYTES or count > MAX_TENSOR_BYTES:
+        raise LimitError(f"tensor '{name}' claims {count} elements of shape {list(tensor.dims)}; refused")
+    if stored is not None and need is not None and stored != need:
+        if need > ABSURD_UNBACKED_BYTES:
+            raise LimitError(
+                f"tensor '{name}' claims {count} elements of shape {list(tensor.dims)} "
+                f"but holds {stored} bytes; refused"
+            )
+        raise InputError(
+            f"tensor '{name}' of shape {list(tensor.dims)} needs {need} bytes of data but holds {stored}"
+        )
+
+
+def _itemsize(data_type: int) -> Optional[int]:
+    from onnx import helper
+
+    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or data_type in _SUB_BYTE_TYPES:
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except Exception:  # a type this onnx does not know: leave it to the runtime
+        return None
+
+
+def _stored_bytes(tensor: TensorProto) -> Optional[int]:
+    from .onnx_wire import is_stub, stub_source
+
+    if is_stub(tensor):
+        return stub_source(tensor)[2]
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None  # not loaded (load_external=False)
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return None
 
 
 def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
@@ -84,6 +149,8 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
         files.add(real)
     # External tensors elsewhere (subgraphs, attributes) are few: read them now.
     files |= _load_external_tensors(iter_tensors(model.graph, initializers=False), base_dir)
+    for tensor in iter_tensors(model.graph):
+        check_tensor_size(tensor, _stored_bytes(tensor))
     return model, files
 
 
@@ -138,6 +205,8 @@ def external_reference(tensor: TensorProto, base_dir: str) -> Tuple[str, int, Op
     what = f"tensor '{tensor.name}'"
     if not location:
         raise ExternalDataError(f"{what}: external data without a location")
+    if "\0" in location:
+        raise ExternalDataError(f"{what}: external data location {location!r} is not a valid file name; refused")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location[:3]:
         raise ExternalDataError(f"{what}: external data location '{location}' is absolute; refused")
     norm = os.path.normpath(location)

@@ -27,6 +27,7 @@ class FoldOutcome:
     verdict: object = None  # a bnfold.verify.CheckResult when the check ran
     seconds: float = 0.0
     exception: Optional[BnfoldError] = field(default=None, repr=False)
+    protected: frozenset = frozenset()  # real paths of the input and its data files
 
     @property
     def ok(self) -> bool:
@@ -75,6 +76,7 @@ def fold_path(
         source = os.path.abspath(src)
         model, data_files = read_model_lazy(source)
         protect = {os.path.realpath(source)} | data_files
+        outcome.protected = frozenset(protect)
         if dst is not None:
             check_output_path(os.fspath(dst), protect)  # before the work, not after it
         with _spill_beside(dst) as spill:  # new weights wait on disk, not in memory
@@ -86,6 +88,9 @@ def fold_path(
         exc = CheckFailed("the folded model does not match the original; nothing written")
         outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
     except BnfoldError as exc:
+        outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
+    except UnicodeDecodeError:  # protobuf checks UTF-8 only when a string field is read
+        exc = InputError(f"{src}: not a valid ONNX model (a string field is not valid UTF-8)")
         outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
     outcome.seconds = time.perf_counter() - start
     if outcome.report is not None:

@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ExternalDataError, InputError
+from .errors import ExternalDataError, InputError, LimitError
 
 RULE = "element fails iff |folded - original| > atol + rtol*|original| (float64); NaN positions and infinities must match"
 SCALE_RULE = "default atol = k_atol(dtype) * scale, scale = max |original| over finite elements (1 if all zero)"
@@ -395,7 +395,29 @@ def _dims_text(dims) -> str:
     return "x".join("?" if d is None else str(d) for d in dims) or "scalar"
 
 
+# Generated inputs larger than this many elements (1 GiB of float32) are refused rather than
+# allocated: a model may declare any size, and a CI machine should not be exhausted by it.
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+def _check_generated_shape(spec: TensorSpec, shape: Shape) -> None:
+    if any(d < 0 for d in shape):
+        raise InputError(f"input '{spec.name}' has a negative dimension {list(shape)}; set it with --shape")
+    count = math.prod(shape)
+    if count > MAX_INPUT_ELEMENTS:
+        raise LimitError(
+            f"input '{spec.name}' of shape {list(shape)} has {count} elements, over bnfold's limit of "
+            f"{MAX_INPUT_ELEMENTS}; give a smaller shape with --shape or real inputs with --inputs"
+        )
+
+
 def _generate(spec: TensorSpec, shape: Shape, rng, value_range, label: str) -> Tuple[np.ndarray, str]:
+    array, how = _generate_any(spec, tuple(shape), rng, value_range, label)
+    return np.asarray(array), how  # a 0-d result must stay an array (onnxruntime refuses numpy scalars)
+
+
+def _generate_any(spec: TensorSpec, shape: Shape, rng, value_range, label: str) -> Tuple[np.ndarray, str]:
+    _check_generated_shape(spec, shape)
     dtype = _np_dtype(spec, label)
     if _is_float_dtype(dtype):
         if value_range is None:

@@ -9,7 +9,7 @@ import traceback
 
 import click
 
-from ..errors import EXIT_INTERNAL, BnfoldError
+from ..errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_LIMIT, BnfoldError
 
 
 def fail(message: str, code: int) -> "NoReturn":  # noqa: F821
@@ -36,10 +36,13 @@ def handles_errors(func):
             _quiet_exit_on_closed_pipe()
         except MemoryError:
             _maybe_traceback()
-            fail("out of memory", EXIT_INTERNAL)
+            fail("out of memory (the input is too large for this machine)", EXIT_LIMIT)
         except RecursionError:
             _maybe_traceback()
-            fail("input nested too deeply", EXIT_INTERNAL)
+            fail("the input is nested too deeply", EXIT_LIMIT)
+        except UnicodeDecodeError:
+            _maybe_traceback()
+            fail("not a valid model (a string field is not valid UTF-8)", EXIT_INPUT)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug

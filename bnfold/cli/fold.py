@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -47,6 +48,8 @@ def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed
     bnfold a.onnx b.onnx models/ --out-dir folded/ -j 2
     """
     shape_map = _parse_shapes(shapes)
+    if json_path:
+        _check_json_target(json_path, list(models) + ([output] if output else []))
     if out_dir is not None or len(models) > 1:
         if output:
             raise click.UsageError("use --out-dir (not -o) with several models")
@@ -68,7 +71,7 @@ def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed
     if outcome.report is not None:
         _print_outcome(outcome, verbose, dry_run, check)
     if json_path and outcome.report is not None:
-        _write_json(json_path, outcome.report.to_json())
+        _write_json(json_path, outcome.report.to_json(), outcome.protected)
     if not outcome.ok:
         fail(outcome.error, outcome.exit_code)
 
@@ -120,7 +123,8 @@ def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed,
     if json_path:
         summary = {"models": [o.to_dict() for o in outcomes],
                    "summary": {"total": len(outcomes), "failed": failed, "folded_bns": folded}}
-        _write_json(json_path, json.dumps(summary, indent=2))
+        protected = frozenset().union(*(o.protected for o in outcomes), *(_model_paths(o) for o in outcomes))
+        _write_json(json_path, json.dumps(summary, indent=2), protected)
     code = batch_exit_code(outcomes)
     if code:
         fail(f"{failed} of {len(outcomes)} model(s) failed", code)
@@ -147,10 +151,28 @@ def _indent(text):
     return "\n".join("  " + line for line in text.splitlines())
 
 
-def _write_json(path, text):
+def _check_json_target(json_path, models):
+    """The report must never land on a model (or its data file) that this run reads or writes."""
+    from ..onnx_io import check_output_path
+
+    taken = set()
+    for m in models:
+        real = os.path.realpath(m)
+        taken.update({real, real + ".data"})
+    check_output_path(json_path, taken)
+
+
+def _model_paths(outcome):
+    paths = {os.path.realpath(outcome.source)}
+    if outcome.output:
+        paths.update({os.path.realpath(outcome.output), os.path.realpath(outcome.output) + ".data"})
+    return paths
+
+
+def _write_json(path, text, protect=frozenset()):
     from ..onnx_io import staged_output
 
-    with staged_output(path) as staged:
+    with staged_output(path, protect=set(protect)) as staged:
         with open(staged, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
@@ -170,4 +192,4 @@ def _fold_program(model, output, dry_run, verbose, json_path):
     else:
         click.echo(f"  wrote {output} in {time.perf_counter() - start:.2f} s")
     if json_path:
-        _write_json(json_path, report.to_json())
+        _write_json(json_path, report.to_json(), {os.path.realpath(model)})

@@ -203,10 +203,26 @@ def all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
             yield from all_graphs(sub)
 
 
+_ATTR_TYPES = {float: (AttributeProto.FLOAT,), int: (AttributeProto.INT,), str: (AttributeProto.STRING,)}
+
+
 def attr(node: NodeProto, name: str, default):
+    """The value of attribute ``name``, or ``default`` when absent.
+
+    A scalar default fixes the type the attribute must have (an int is accepted for a float);
+    another type is refused, since the op's meaning is then unknown.
+    """
     for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
+        if a.name != name:
+            continue
+        expected = _ATTR_TYPES.get(type(default))
+        if expected is not None and a.type not in expected + ((AttributeProto.INT,) if isinstance(default, float) else ()):
+            raise Refusal(
+                "unsupported-attribute",
+                f"attribute '{name}' of {node_label(node)} has type {AttributeProto.AttributeType.Name(a.type)}",
+            )
+        value = helper.get_attribute_value(a)
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return default
 
 
