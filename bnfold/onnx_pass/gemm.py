@@ -28,10 +28,15 @@ def _gemm_weight(rw: GraphRewrite, gemm: NodeProto) -> np.ndarray:
         raise Refusal("unsupported-attribute", "Gemm before opset 7 has broadcast semantics bnfold does not fold")
     if len(gemm.input) < 2:
         raise Refusal("not-constant", "Gemm without a B input")
-    float_dtype(rw.scope.tensor(gemm.input[1], "Gemm B"), "Gemm B")
-    weight = rw.scope.array(gemm.input[1], "Gemm B")
+    return _constant_2d(rw, gemm.input[1], "Gemm B")
+
+
+def _constant_2d(rw: GraphRewrite, name: str, what: str) -> np.ndarray:
+    """The 2-D float constant behind ``name``; refuse anything else."""
+    float_dtype(rw.scope.tensor(name, what), what)
+    weight = rw.scope.array(name, what)
     if weight.ndim != 2:
-        raise Refusal("not-per-channel", f"Gemm B has rank {weight.ndim}")
+        raise Refusal("not-per-channel", f"{what} has rank {weight.ndim}, expected 2")
     return weight
 
 
@@ -78,11 +83,7 @@ def matmul_output_axis(rw: GraphRewrite, matmul: NodeProto) -> Tuple[Axis, int]:
 def _matmul_weight(rw: GraphRewrite, matmul: NodeProto) -> np.ndarray:
     if len(matmul.input) != 2:
         raise Refusal("not-constant", "MatMul without two inputs")
-    float_dtype(rw.scope.tensor(matmul.input[1], "MatMul weight"), "MatMul weight")
-    weight = rw.scope.array(matmul.input[1], "MatMul weight")
-    if weight.ndim != 2:
-        raise Refusal("not-per-channel", f"MatMul weight has rank {weight.ndim}, expected 2")
-    return weight
+    return _constant_2d(rw, matmul.input[1], "MatMul weight")
 
 
 def fold_into_matmul(rw: GraphRewrite, matmul: NodeProto, a: np.ndarray, b: np.ndarray) -> Optional[np.ndarray]:
