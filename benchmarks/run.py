@@ -304,7 +304,9 @@ def environment(args) -> Dict[str, Any]:
         except md.PackageNotFoundError:
             versions[dist] = None
     ref = "HEAD" if args.bnfold_ref == "worktree" else args.bnfold_ref
-    commit = subprocess.run(["git", "log", "-1", "--format=%h %s", ref], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    # the last commit that changed bnfold/ (HEAD itself may touch only other folders)
+    commit = subprocess.run(["git", "log", "-1", "--format=%h %s", ref, "--", "bnfold"],
+                            capture_output=True, text=True, cwd=REPO).stdout.strip()
     dirty = args.bnfold_ref == "worktree" and subprocess.run(
         ["git", "status", "--porcelain", "--", "bnfold"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     try:
