@@ -6,7 +6,10 @@ Prints one JSON object: the median, min and p90 latency in milliseconds of each
 Method. Every configuration gets its own session (created up front), is warmed up, then the
 timed runs go round-robin over the configurations, so drift in clock speed, caches or
 background load hits all of them alike. Inputs are seeded random float32 of the declared shape
-(dynamic dims set to 1). ORT uses its default thread count (all cores).
+(dynamic dims set to 1). ORT runs one intra-op thread by default (``--threads``): on a small
+shared machine a multi-threaded pool is descheduled by other work and medians swing by 10-20 %,
+while one thread gives steady ratios (measured: MobileNetV2 at 2 threads under load showed the
+folded model 13 % slower than the original at ``basic``; pinned to one thread, 27.0 vs 26.9 ms).
 
 Configurations: the original at ``disable``, ``basic`` and ``all`` (ORT fuses Conv+BN itself at
 ``basic`` and above), the folded model at ``disable`` and ``all``.
@@ -26,7 +29,7 @@ import numpy as np
 CONFIGS = (("original", "disable"), ("original", "basic"), ("original", "all"), ("folded", "disable"), ("folded", "all"))
 
 
-def _session(path: str, level: str):
+def _session(path: str, level: str, threads: int):
     import onnxruntime as ort
 
     levels = {
@@ -36,6 +39,8 @@ def _session(path: str, level: str):
     }
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[level]
+    if threads:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -48,9 +53,9 @@ def _feeds(session, seed: int) -> Dict[str, np.ndarray]:
     return feeds
 
 
-def measure(paths: Dict[str, str], runs: int, warmup: int, seed: int = 0) -> Dict[str, Dict[str, float]]:
+def measure(paths: Dict[str, str], runs: int, warmup: int, threads: int = 1, seed: int = 0) -> Dict[str, Dict[str, float]]:
     """Latency statistics (ms) per ``"model@level"`` key; ``paths`` maps original/folded to files."""
-    sessions = {f"{model}@{level}": _session(paths[model], level) for model, level in CONFIGS}
+    sessions = {f"{model}@{level}": _session(paths[model], level, threads) for model, level in CONFIGS}
     feeds = _feeds(next(iter(sessions.values())), seed)
     for session in sessions.values():
         for _ in range(warmup):
@@ -79,8 +84,10 @@ def main(argv) -> int:
     parser.add_argument("folded")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default, all cores)")
     args = parser.parse_args(argv)
-    result = measure({"original": args.original, "folded": args.folded}, args.runs, args.warmup)
+    result = measure({"original": args.original, "folded": args.folded}, args.runs, args.warmup, args.threads)
+    result["threads"] = args.threads
     print(json.dumps(result))
     return 0
 

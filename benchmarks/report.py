@@ -86,7 +86,7 @@ def _chain_target(result) -> List[Dict[str, str]]:
 def _latency_targets(model: str, lat: Optional[Dict[str, Any]]) -> List[Dict[str, str]]:
     if not lat or "error" in lat:
         return []
-    med = {k: v["median_ms"] for k, v in lat.items()}
+    med = {k: v["median_ms"] for k, v in lat.items() if isinstance(v, dict)}
     out = []
     for folded, original, goal in (("folded@disable", "original@basic", "folded at disable ≤ original at basic"),
                                    ("folded@all", "original@all", "folded at all ≤ original at all")):
@@ -126,6 +126,7 @@ def markdown(result: Dict[str, Any]) -> str:
         + (f", at end {env['load_average_at_end']:.1f}" if "load_average_at_end" in env else " (run still going)")
         + f" (above the core count, other work competed for the CPUs). bnfold at `{env['git']}`"
         + (f"; total {env['total_minutes']:.0f} min" if "total_minutes" in env else "") + ".\n",
+        (f"Latency tables re-measured on {env['latency_rerun']} (`--latency-only`).\n" if env.get("latency_rerun") else ""),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".\n",
         "## Targets (issue #6)\n",
         _table(["target", "measured", "goal", "status"],
@@ -188,6 +189,9 @@ def _onnx_ir_section(result: Dict[str, Any]) -> str:
 
 def _latency_section(result: Dict[str, Any]) -> str:
     rows = []
+    threads = "ORT's default"
+    for entry in result["models"].values():
+        threads = (entry.get("latency") or {}).get("threads", threads)
     for model, entry in result["models"].items():
         lat = entry.get("latency")
         if not lat:
@@ -195,7 +199,7 @@ def _latency_section(result: Dict[str, Any]) -> str:
         if "error" in lat:
             rows.append([model] + ["—"] * 8 + [f"failed: {lat['error']}"])
             continue
-        m = {k: v["median_ms"] for k, v in lat.items()}
+        m = {k: v["median_ms"] for k, v in lat.items() if isinstance(v, dict)}
         rows.append([model] + [f"{m[k]:.1f}" for k in ("original@disable", "original@basic", "original@all", "folded@disable", "folded@all")]
                     + [f"{m['folded@disable'] / m['original@disable']:.3f}", f"{m['folded@disable'] / m['original@basic']:.3f}",
                        f"{m['folded@all'] / m['original@all']:.3f}", f"{lat['original@disable']['runs']} runs"])
@@ -203,7 +207,7 @@ def _latency_section(result: Dict[str, Any]) -> str:
         return ""
     return ("## onnxruntime CPU latency (ms, median; batch 1)\n\n"
             "Original and bnfold's output, each at ORT optimization levels disable / basic / all, timed round-robin in one "
-            "process. Ratios below 1: the folded model is faster.\n\n"
+            f"process, {threads} intra-op thread(s) (0: ORT's default). Ratios below 1: the folded model is faster.\n\n"
             + _table(["model", "orig disable", "orig basic", "orig all", "folded disable", "folded all",
                       "folded disable ÷ orig disable", "folded disable ÷ orig basic", "folded all ÷ orig all", "note"], rows))
 
