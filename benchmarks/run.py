@@ -354,6 +354,8 @@ def parse_args(argv):
                         "(default 300; quick: 60)")
     parser.add_argument("--no-latency", action="store_true", help="skip the inference-latency part")
     parser.add_argument("--ort-threads", type=int, default=1, help="ORT intra-op threads for latency (default 1; 0: all cores)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models' results in the existing results.json; replace only the models run now")
     parser.add_argument("--latency-only", action="store_true",
                         help="rerun only the latency part, on the folded models of the last run, into its results.json")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager part")
@@ -384,6 +386,14 @@ def main(argv=None) -> int:
     global BNFOLD_PATH
     BNFOLD_PATH = bnfold_snapshot(args.bnfold_ref)
     result: Dict[str, Any] = {"environment": environment(args), "models": {}}
+    previous = os.path.join(args.out, "results.json")
+    if args.update and os.path.exists(previous):
+        with open(previous, encoding="utf-8") as f:
+            old = json.load(f)
+        result["models"] = old.get("models", {})
+        result["torch_eager"] = old.get("torch_eager")
+        result["environment"]["updated_models"] = args.models
+        result["environment"]["first_run"] = old["environment"]
     print(f"bnfold benchmarks ({result['environment']['mode']}): {', '.join(args.models)}", flush=True)
     result["startup"] = bench_startup(args.runs)
     for name in args.models:
