@@ -128,7 +128,7 @@ def markdown(result: Dict[str, Any]) -> str:
         + (f"; total {env['total_minutes']:.0f} min" if "total_minutes" in env else "") + ".\n",
         (f"Models {', '.join(env['updated_models'])} were measured in a second run (`--update`, {env['runs']} run(s) per tool) "
          f"on {env['date']}; the others in a first run on {env['first_run']['date']} with {env['first_run']['runs']} runs per tool "
-         f"at the same bnfold commit `{env['first_run']['git']}`.\n" if env.get("first_run") else ""),
+         f"(bnfold at `{env['first_run']['git']}`).\n" if env.get("first_run") else ""),
         (f"Latency tables re-measured on {env['latency_rerun']} (`--latency-only`).\n" if env.get("latency_rerun") else ""),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".\n",
         "## Targets (issue #6)\n",
