@@ -30,11 +30,7 @@ class Refusal(Exception):
         self.detail = detail
 
 
-def _as64(name: str, value) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise Refusal("non-finite-parameter", f"{name} contains NaN or infinity")
-    return arr
+_BN_NAMES = ("scale", "B", "mean", "var")
 
 
 def bn_coefficients(scale, shift, mean, var, eps: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -44,25 +40,28 @@ def bn_coefficients(scale, shift, mean, var, eps: float) -> Tuple[np.ndarray, np
     Raises :class:`Refusal` when a parameter is not finite, when shapes disagree, or when
     ``var + eps`` is not positive (the BN itself would produce NaN or infinity).
     """
-    scale, shift, mean, var = (
-        _as64(n, v) for n, v in (("scale", scale), ("B", shift), ("mean", mean), ("var", var))
-    )
-    shapes = {p.shape for p in (scale, shift, mean, var)}
-    if len(shapes) != 1 or scale.ndim != 1:
+    params = [np.asarray(p, dtype=np.float64) for p in (scale, shift, mean, var)]
+    shapes = {p.shape for p in params}
+    if len(shapes) != 1 or params[0].ndim != 1:
         raise Refusal(
             "not-per-channel",
             "BatchNorm parameters are not 1-D vectors of one length: "
             + ", ".join(str(list(s)) for s in sorted(shapes)),
         )
+    stacked = np.stack(params)  # one finiteness check for all four (a fold is often tiny)
+    if not np.isfinite(stacked).all():
+        bad = next(n for n, p in zip(_BN_NAMES, params) if not np.isfinite(p).all())
+        raise Refusal("non-finite-parameter", f"{bad} contains NaN or infinity")
     if not np.isfinite(eps):
         raise Refusal("non-finite-parameter", "epsilon is not finite")
+    scale, shift, mean, var = stacked
     denom = var + np.float64(eps)
-    if np.any(denom <= 0):
+    if (denom <= 0).any():
         raise Refusal("non-positive-variance", "var + epsilon <= 0 for some channel")
     with np.errstate(over="ignore", invalid="ignore"):  # checked just below
         a = scale / np.sqrt(denom)
         b = shift - mean * a
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise Refusal("non-finite-result", "the BatchNorm's scale or shift overflows float64")
     return a, b
 

@@ -13,14 +13,16 @@ so a full serialized copy of it is never held in memory.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import contextlib
+import functools
+import math
+import os
 import shutil
+import tempfile
 from typing import BinaryIO, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
 from .errors import ExternalDataError, InputError, LimitError, OutputError
 
@@ -97,9 +99,8 @@ def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
 def _itemsize(data_type: int) -> Optional[int]:
-    from onnx import helper
-
     if data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or data_type in _SUB_BYTE_TYPES:
         return None
     try:
@@ -120,6 +121,11 @@ def _stored_bytes(tensor: TensorProto) -> Optional[int]:
     return None
 
 
+# Files smaller than this are parsed whole: there is little memory to save, and a file this
+# small with many fields (a 100,000-node graph) walks slowly in Python.
+LAZY_FILE_MIN_BYTES = 32 << 20
+
+
 def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     """Like :func:`read_model`, but large main-graph weights stay on disk as stubs
     (see :mod:`bnfold.onnx_wire`) until something reads them. For file-to-file folding:
@@ -128,6 +134,8 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     from .onnx_wire import WireError, make_stub, read_lazy
 
     _read_file_check(path)
+    if os.path.getsize(path) < LAZY_FILE_MIN_BYTES:
+        return read_model(path)  # small file: protobuf's C parser beats a walk in Python
     try:
         model, stub_positions = read_lazy(path)
     except (WireError, OSError, ValueError, RecursionError):
@@ -245,9 +253,15 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     disk) points at it with an *absolute*, already validated location; it is read here on
     demand. Everything else goes through onnx's own conversion.
     """
-    from onnx import helper, numpy_helper
-
     if tensor.data_location != TensorProto.EXTERNAL:
+        if tensor.data_type in _PLAIN_TYPES and tensor.HasField("raw_data"):
+            # numpy_helper.to_array costs ~15 us of Python per call; a fold reads six per BN
+            dtype = _plain_dtype(tensor.data_type)
+            raw = tensor.raw_data
+            count = math.prod(tensor.dims)
+            if len(raw) != count * dtype.itemsize:
+                raise InputError(f"tensor '{tensor.name}': {len(raw)} bytes of data for {count} elements")
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
         return numpy_helper.to_array(tensor)
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
@@ -255,7 +269,7 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
         raise ExternalDataError(f"tensor '{tensor.name}': external data was not loaded")
     offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
     if tensor.data_type in _PLAIN_TYPES:  # little-endian bytes as numpy lays them out
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        dtype = _plain_dtype(tensor.data_type)
         count = int(np.prod(tensor.dims, dtype=np.int64))
         if length != count * dtype.itemsize:
             raise InputError(f"tensor '{tensor.name}': {length} bytes of data for {count} elements")
@@ -276,6 +290,11 @@ _PLAIN_TYPES = {
     TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
     TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_dtype(data_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
 
 
 def load_external_data(model: ModelProto, base_dir: str) -> Set[str]:
@@ -490,13 +509,7 @@ def model_size(model: ModelProto) -> int:
     (protobuf's ByteSize() serializes the whole model to answer, which costs seconds and a
     full copy in memory for a large one.)
     """
-    from onnx import helper
-
     total = 64 << 20
     for t in iter_tensors(model.graph):
-        try:
-            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        except Exception:
-            itemsize = 8
-        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        total += math.prod(t.dims) * (_itemsize(t.data_type) or 8)
     return total

@@ -153,8 +153,17 @@ class _FileView:
         return self.window[offset]
 
 
+def _add_range(ranges: List[List[int]], start: int, end: int) -> None:
+    """Record bytes ``[start, end)`` to keep, merged with the previous range when adjacent
+    (one read for a run of fields instead of one per field)."""
+    if ranges and ranges[-1][1] == start:
+        ranges[-1][1] = end
+    else:
+        ranges.append([start, end])
+
+
 def _read_lazy(buf, size: int, real: str) -> Tuple[ModelProto, List[int]]:
-    head: List[bytes] = []
+    head_ranges: List[List[int]] = []
     graph_range: Optional[Tuple[int, int]] = None
     for number, wire, fstart, vstart, vend in fields(buf, 0, size):
         if number == _MODEL_GRAPH and wire == 2:
@@ -162,21 +171,23 @@ def _read_lazy(buf, size: int, real: str) -> Tuple[ModelProto, List[int]]:
                 raise WireError("several graph fields")  # merge semantics: leave to protobuf
             graph_range = (vstart, vend)
         else:
-            head.append(buf[fstart:vend])
+            _add_range(head_ranges, fstart, vend)
     if graph_range is None:
         raise WireError("no graph")
-    parts: List[bytes] = []
+    head = [buf[s:e] for s, e in head_ranges]
+    ranges: List[List[int]] = []
     stubs: List[Tuple[int, TensorProto]] = []
     n_init = 0
     for number, wire, fstart, vstart, vend in fields(buf, *graph_range):
         if number == _GRAPH_INIT and wire == 2:
-            stub = _stub_for(buf, vstart, vend, real)
+            stub = _stub_for(buf, vstart, vend, real) if vend - vstart >= LAZY_MIN_BYTES else None
             if stub is not None:
                 stubs.append((n_init, stub))
                 n_init += 1
                 continue  # appended after parsing, at its position
             n_init += 1
-        parts.append(buf[fstart:vend])
+        _add_range(ranges, fstart, vend)
+    parts = [buf[s:e] for s, e in ranges]
     graph_bytes = b"".join(parts)
     model = ModelProto()
     model.ParseFromString(b"".join(head) + key(_MODEL_GRAPH) + varint(len(graph_bytes)) + graph_bytes)

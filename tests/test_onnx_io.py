@@ -19,6 +19,12 @@ from bnfold.onnx_wire import LAZY_MIN_BYTES, is_stub
 from onnx_models import GraphBuilder, assert_equivalent
 
 
+@pytest.fixture(autouse=True)
+def lazy_for_small_files(monkeypatch):
+    """Small files are normally parsed whole; these tests need the lazy path on small models."""
+    monkeypatch.setattr("bnfold.onnx_io.LAZY_FILE_MIN_BYTES", 0)
+
+
 def big_model(blocks: int = 3, c: int = 32) -> onnx.ModelProto:
     """Conv->BN->Relu blocks with weights above the lazy threshold, plus one conv without BN
     (its weight must be copied through untouched)."""

@@ -93,24 +93,31 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
     """
     start = time.perf_counter()
     report = FoldReport(method="onnx-graph")
-    shapes_cache: Dict[str, tuple] = {}
-
-    def shapes() -> Dict[str, tuple]:
-        if not shapes_cache:
-            from .shapes import infer_shapes
-
-            shapes_cache.update(infer_shapes(model) or {"": ()})
-        return shapes_cache
-
-    # Inference runs on the untouched model: the rewrites rename values as they go.
-    if any(is_linear(n) or is_batchnorm(n) for g in all_graphs(model.graph) for n in g.node):
-        shapes()
+    shapes = _lazy_shapes(model)
     ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), shapes, spill)
     _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=ctx.opset), ctx, "")
     _drop_unused(model.graph, ctx.orphans, model.ir_version)
     _note_affine(report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _lazy_shapes(model: ModelProto):
+    """A function giving the model's shapes, inferred on first call (seconds on a large graph,
+    and many models never need them) from a snapshot taken now, before any rewrite renames
+    values. Models without a BN or linear op get an empty table."""
+    from .shapes import ShapeTable, infer_from, snapshot
+
+    if not any(is_linear(n) or is_batchnorm(n) for g in all_graphs(model.graph) for n in g.node):
+        return lambda: ShapeTable(ModelProto())
+    skeleton, table = snapshot(model), []
+
+    def shapes() -> ShapeTable:
+        if not table:
+            table.append(infer_from(skeleton))
+        return table[0]
+
+    return shapes
 
 
 def _note_affine(report: FoldReport) -> None:

@@ -173,14 +173,14 @@ def walk(
         step.after_layout = seen_layout
         steps.append(step)
         value = node.output[0]
-        axis = axis.with_rank(rw.rank(value))
+        axis = _known_rank(rw, axis, value)
 
 
 def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: int) -> Step:
     affine = read_bn(bn, rw.scope)
     if bn.input[0] != value:
         raise Refusal("not-constant", f"'{value}' is a parameter of the BN, not its input")
-    axis = axis.with_rank(rw.rank(value))
+    axis = _known_rank(rw, axis, value)
     if axis.pos is None:
         raise Refusal("shape-unknown", f"the rank of '{value}' is unknown: the BN normalizes axis 1, the channels may be elsewhere")
     if axis.pos != 1 or axis.rank < 2:
@@ -292,3 +292,8 @@ def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], h
             bias_add = False
         else:
             bias_add = False
+
+
+def _known_rank(rw: GraphRewrite, axis: Axis, value: str) -> Axis:
+    """``axis`` with its rank filled in; shapes are looked up only when it is still unknown."""
+    return axis if axis.rank is not None else axis.with_rank(rw.rank(value))

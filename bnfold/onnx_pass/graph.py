@@ -11,6 +11,7 @@ import numpy as np
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..affine import Refusal
+from ..onnx_io import tensor_array  # reads weights kept on disk by lazy loading too
 
 FLOAT_TYPES = {
     TensorProto.FLOAT: "float32",
@@ -20,8 +21,15 @@ FLOAT_TYPES = {
 }
 
 
+# Standard ops that hold subgraphs; ops of other domains may too. Checking the op first spares
+# a walk over the attributes of every other node (a 100,000-node graph asks several times).
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def subgraphs(node: NodeProto) -> Iterator[Tuple[str, GraphProto]]:
     """The subgraphs held in a node's attributes (If branches, Loop/Scan bodies, ...)."""
+    if node.op_type not in _CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+        return
     for attr in node.attribute:
         if attr.type == AttributeProto.GRAPH:
             yield attr.name, attr.g
@@ -106,8 +114,6 @@ class Scope:
         raise Refusal("not-constant", f"{what} '{name}' is computed at run time")
 
     def array(self, name: str, what: str) -> np.ndarray:
-        from ..onnx_io import tensor_array  # reads weights kept on disk by lazy loading
-
         t = self.tensor(name, what)
         try:
             return tensor_array(t)

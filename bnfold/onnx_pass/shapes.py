@@ -8,6 +8,7 @@ even for multi-GB models.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import onnx
@@ -15,23 +16,27 @@ from onnx import ModelProto, TensorProto, helper
 
 from .graph import all_graphs
 
-_SMALL_INT = (TensorProto.INT64, TensorProto.INT32)
+# Initializers up to this size keep their data in the copy (shape inference may need the values
+# of small ones: Reshape targets, Unsqueeze axes); larger ones become typed graph inputs.
+KEEP_ELEMENTS = 1024
 
 
 def _skeleton(model: ModelProto) -> ModelProto:
-    """A copy of ``model`` whose main-graph initializers carry shape but no data."""
+    """A copy of ``model`` whose large main-graph initializers carry shape but no data."""
     from ..onnx_io import shallow_copy
+    from ..onnx_wire import is_stub
 
     out = shallow_copy(model, "graph")
     g = out.graph
     g.CopyFrom(shallow_copy(model.graph, "initializer"))
     inputs = {i.name for i in g.input}
+    small, large = [], []
     for t in model.graph.initializer:
-        small = t.data_type in _SMALL_INT and len(t.dims) <= 1 and (not t.dims or t.dims[0] <= 16)
-        if small:
-            g.initializer.append(t)
-        elif t.name not in inputs:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        (large if is_stub(t) or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
+    g.initializer.extend(small)
+    g.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in inputs
+    )
     if out.ir_version < 4:
         out.ir_version = 4  # inputs beside initializers are legal from IR 4 on
     return out
@@ -40,26 +45,49 @@ def _skeleton(model: ModelProto) -> ModelProto:
 Shape = Tuple[Optional[int], ...]  # a dimension is None when not a known number
 
 
-def infer_shapes(model: ModelProto) -> Dict[str, Shape]:
-    """Map every value name whose rank inference (or the model) knows to its shape."""
+class ShapeTable:
+    """Shapes by value name, read from the inferred model's value infos on first request."""
+
+    def __init__(self, inferred: ModelProto) -> None:
+        self._model = inferred  # keeps the value infos alive
+        self._infos: Dict[str, object] = {}
+        self._cache: Dict[str, Optional[Shape]] = {}
+        for g in all_graphs(inferred.graph):
+            for field in (g.input, g.output, g.value_info):
+                for v in field:
+                    self._infos[v.name] = v
+            for t in g.initializer:
+                self._cache[t.name] = tuple(int(d) for d in t.dims)
+
+    def get(self, name: str, default=None) -> Optional[Shape]:
+        if name not in self._cache:
+            info = self._infos.get(name)
+            self._cache[name] = None if info is None else _shape(info)
+        shape = self._cache[name]
+        return default if shape is None else shape
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+
+def snapshot(model: ModelProto) -> ModelProto:
+    """A data-free copy of ``model`` as it is now, for :func:`infer_from` to use later (the
+    rules rename values as they rewrite, so inference must see the graph before any rewrite)."""
+    return _skeleton(model)
+
+
+def infer_from(skeleton: ModelProto) -> ShapeTable:
+    """The shapes that onnx shape inference (or the model itself) knows, by value name."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is a help, never a requirement
-        inferred = model
-    shapes: Dict[str, Shape] = {}
-    for g in all_graphs(inferred.graph):
-        for v in list(g.input) + list(g.output) + list(g.value_info):
-            shape = _shape(v)
-            if shape is not None:
-                shapes[v.name] = shape
-        for t in g.initializer:
-            shapes[t.name] = tuple(int(d) for d in t.dims)
-    return shapes
+        inferred = skeleton
+    return ShapeTable(inferred)
 
 
-def infer_ranks(model: ModelProto) -> Dict[str, int]:
-    """Map every value name whose rank inference (or the model) knows to that rank."""
-    return {name: len(shape) for name, shape in infer_shapes(model).items()}
+def infer_shapes(model: ModelProto) -> ShapeTable:
+    """Shapes of ``model``'s values as it is now."""
+    return infer_from(snapshot(model))
 
 
 def _shape(value_info) -> Optional[Shape]:
