@@ -263,10 +263,12 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
                 raise InputError(f"tensor '{tensor.name}': {len(raw)} bytes of data for {count} elements")
             return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
         return numpy_helper.to_array(tensor)
+    from .onnx_wire import is_stub
+
+    if not is_stub(tensor):  # a reference from the model itself: never followed from here
+        raise ExternalDataError(f"tensor '{tensor.name}': its external data was not loaded")
     info = {e.key: e.value for e in tensor.external_data}
-    location = info.get("location", "")
-    if not os.path.isabs(location):
-        raise ExternalDataError(f"tensor '{tensor.name}': external data was not loaded")
+    location = info["location"]
     offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
     if tensor.data_type in _PLAIN_TYPES:  # little-endian bytes as numpy lays them out
         dtype = _plain_dtype(tensor.data_type)
@@ -350,12 +352,8 @@ def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -
             if external:
                 with open(path + ".data", "wb") as data_out:
                     _write_external(model, out, data_out, os.path.basename(path) + ".data")
-                    data_out.flush()
-                    os.fsync(data_out.fileno())
             else:
                 write_streaming(model, out)
-            out.flush()
-            os.fsync(out.fileno())
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
@@ -379,7 +377,8 @@ def staged_output(path: str, protect: Set[str] = frozenset()) -> Iterator[str]:
     written there (the model and its ``.data`` file, if any) into place, else delete it.
 
     So a failed run never leaves a half-written output, and an existing output is replaced
-    only when the whole run succeeds. ``protect`` lists real paths (the input and its data
+    only when the whole run succeeds. (Files are not fsync'ed: the rename is atomic against a
+    failed or killed process, not against a power cut; syncing a multi-GB output costs seconds.) ``protect`` lists real paths (the input and its data
     files) that the output must not overwrite.
     """
     path = os.path.abspath(path)
@@ -480,7 +479,7 @@ def _write_external(model: ModelProto, out: BinaryIO, data_out: BinaryIO, data_n
     This empties those tensors' ``raw_data`` in ``model`` (restoring them would mean holding a
     second copy of every weight) and repoints stubs at the new file; callers pass a model they own.
     """
-    from .onnx_wire import copy_range, is_stub, make_stub, stub_source
+    from .onnx_wire import copy_range, is_stub, point_to, stub_source
 
     offset = 0
     for tensor in iter_tensors(model.graph):
@@ -498,7 +497,7 @@ def _write_external(model: ModelProto, out: BinaryIO, data_out: BinaryIO, data_n
         else:
             data_out.write(tensor.raw_data)
             tensor.ClearField("raw_data")
-        make_stub(tensor, data_name, offset, length)
+        point_to(tensor, data_name, offset, length)
         offset += length
     write_streaming(model, out)
 

@@ -12,6 +12,7 @@ stub on demand, and the writer copies untouched stubs' bytes straight from file 
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Iterator, List, Optional, Tuple
 
 from onnx import GraphProto, ModelProto, TensorProto
@@ -86,11 +87,17 @@ def fields(buf, start: int, end: int) -> Iterator[Tuple[int, int, int, int, int]
         yield number, wire, field_start, value_start, value_end
 
 
+# Stubs carry this process's secret token, so that an external-data entry coming from a file
+# (an absolute location, say) can never pass for one and make bnfold read an arbitrary file.
+_STUB_KEY = "bnfold-stub"
+_STUB_TOKEN = secrets.token_hex(16)
+
+
 def is_stub(tensor: TensorProto) -> bool:
-    """Whether ``tensor`` is a lazy stub (external data at an absolute, bnfold-made location)."""
+    """Whether ``tensor`` is a lazy stub made by this process (see :func:`make_stub`)."""
     if tensor.data_location != TensorProto.EXTERNAL:
         return False
-    return any(e.key == "location" and os.path.isabs(e.value) for e in tensor.external_data)
+    return any(e.key == _STUB_KEY and e.value == _STUB_TOKEN for e in tensor.external_data)
 
 
 def stub_source(tensor: TensorProto) -> Tuple[str, int, int]:
@@ -98,13 +105,22 @@ def stub_source(tensor: TensorProto) -> Tuple[str, int, int]:
     return info["location"], int(info.get("offset", "0")), int(info["length"])
 
 
-def make_stub(header: TensorProto, path: str, offset: int, length: int) -> TensorProto:
-    """Turn ``header`` (a tensor without its data) into a stub for ``length`` bytes at ``offset``."""
-    header.data_location = TensorProto.EXTERNAL
-    del header.external_data[:]
-    for k, v in (("location", path), ("offset", str(offset)), ("length", str(length))):
-        entry = header.external_data.add()
+def point_to(tensor: TensorProto, location: str, offset: int, length: int) -> TensorProto:
+    """Make ``tensor`` (without its data) refer to ``length`` bytes at ``offset`` of ``location``."""
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
         entry.key, entry.value = k, v
+    return tensor
+
+
+def make_stub(header: TensorProto, path: str, offset: int, length: int) -> TensorProto:
+    """Turn ``header`` into a stub: its data is ``length`` bytes at ``offset`` of the file at the
+    absolute, already validated ``path``, read on demand and copied through when written."""
+    point_to(header, path, offset, length)
+    entry = header.external_data.add()
+    entry.key, entry.value = _STUB_KEY, _STUB_TOKEN
     return header
 
 
@@ -319,6 +335,7 @@ __all__ = [
     "is_stub",
     "key",
     "make_stub",
+    "point_to",
     "read_lazy",
     "Spill",
     "stub_source",

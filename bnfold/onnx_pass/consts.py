@@ -35,7 +35,10 @@ def constant_value(rw: GraphRewrite, name: str, what: str, depth: int = 0) -> np
         value = rw.scope.array(name, what)
     elif producer.op_type in CONST_OPS and producer.domain in ("", "ai.onnx") and depth < MAX_DEPTH:
         args = [constant_value(rw, i, what, depth + 1) if i else None for i in producer.input]
-        value = _evaluate(rw, producer, args)
+        try:
+            value = _evaluate(rw, producer, args)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # a malformed model
+            raise Refusal("not-constant", f"{what} '{name}': {producer.op_type} cannot be evaluated ({exc})") from None
     else:
         raise Refusal("not-constant", f"{what} '{name}' is computed at run time by {producer.op_type}")
     if value.size > MAX_ELEMENTS:

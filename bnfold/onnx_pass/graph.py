@@ -210,6 +210,7 @@ def all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
 
 
 _ATTR_TYPES = {float: (AttributeProto.FLOAT,), int: (AttributeProto.INT,), str: (AttributeProto.STRING,)}
+_LIST_ATTRS = {"perm", "axes", "pads", "dilations", "strides", "kernel_shape", "output_padding", "output_shape"}
 
 
 def attr(node: NodeProto, name: str, default):
@@ -221,7 +222,7 @@ def attr(node: NodeProto, name: str, default):
     for a in node.attribute:
         if a.name != name:
             continue
-        expected = _ATTR_TYPES.get(type(default))
+        expected = (AttributeProto.INTS,) if name in _LIST_ATTRS else _ATTR_TYPES.get(type(default))
         if expected is not None and a.type not in expected + ((AttributeProto.INT,) if isinstance(default, float) else ()):
             raise Refusal(
                 "unsupported-attribute",

@@ -66,8 +66,10 @@ class GraphRewrite:
         """
         name = self.names.fresh(base)
         tensor = self.graph.initializer.add()  # filled in place: append() would copy it
-        if self._spill is not None and value.nbytes >= self._spill.min_bytes:
-            tensor.CopyFrom(self._spill.stub(name, value))
+        # only the main graph's initializers are streamed by the writer; subgraphs' stay inline
+        spill = self._spill if self.scope.parent is None else None
+        if spill is not None and value.nbytes >= spill.min_bytes:
+            tensor.CopyFrom(spill.stub(name, value))
         else:
             _fill_tensor(tensor, name, value)
         self.scope.initializers[name] = tensor

@@ -50,21 +50,27 @@ class ShapeTable:
 
     def __init__(self, inferred: ModelProto) -> None:
         self._model = inferred  # keeps the value infos alive
-        self._infos: Dict[str, object] = {}
+        self._infos: Dict[str, list] = {}
         self._cache: Dict[str, Optional[Shape]] = {}
         for g in all_graphs(inferred.graph):
             for field in (g.input, g.output, g.value_info):
                 for v in field:
-                    self._infos[v.name] = v
+                    self._infos.setdefault(v.name, []).append(v)
             for t in g.initializer:
-                self._cache[t.name] = tuple(int(d) for d in t.dims)
+                self._infos.setdefault(t.name, []).append(tuple(int(d) for d in t.dims))
 
     def get(self, name: str, default=None) -> Optional[Shape]:
         if name not in self._cache:
-            info = self._infos.get(name)
-            self._cache[name] = None if info is None else _shape(info)
+            self._cache[name] = self._agreed_shape(self._infos.get(name, []))
         shape = self._cache[name]
         return default if shape is None else shape
+
+    @staticmethod
+    def _agreed_shape(infos: list) -> Optional[Shape]:
+        """One shape for a name, or None when unknown. Sibling subgraphs (If branches) may
+        each define a value of the same name; if their shapes differ, none is trusted."""
+        shapes = {info if isinstance(info, tuple) else _shape(info) for info in infos}
+        return shapes.pop() if len(shapes) == 1 else None
 
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
@@ -85,9 +91,7 @@ def infer_from(skeleton: ModelProto) -> ShapeTable:
     return ShapeTable(inferred)
 
 
-def infer_shapes(model: ModelProto) -> ShapeTable:
-    """Shapes of ``model``'s values as it is now."""
-    return infer_from(snapshot(model))
+
 
 
 def _shape(value_info) -> Optional[Shape]:
