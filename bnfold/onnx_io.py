@@ -368,7 +368,7 @@ def check_output_path(path: str, protect: Set[str] = frozenset()) -> None:
         raise OutputError(f"{folder}: output folder does not exist")
     for target in (path, path + ".data"):
         if os.path.realpath(target) in protect:
-            raise OutputError(f"{target}: would overwrite the input model or its data; choose another output path")
+            raise OutputError(f"{target}: would overwrite a model file this run reads or writes; choose another path")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from ..affine import Refusal, cast_back, fold_before
 from .affine_ops import constant_operand
 from .bn import read_bn
 from .consts import drop_dead_subgraph
-from .gemm import _gemm_weight, _matmul_weight
+from .gemm import gemm_weight, matmul_weight
 from .graph import attr, float_dtype, node_label, set_attr
 from .rewrite import GraphRewrite
 
@@ -115,7 +115,7 @@ def _gemm_plan(rw: GraphRewrite, gemm: NodeProto, a, b) -> Callable[[], None]:
     if attr(gemm, "transA", 0):
         raise Refusal("unsupported-attribute", f"Gemm '{node_label(gemm)}' reads the BN's output transposed")
     dtype = float_dtype(rw.scope.tensor(gemm.input[1], "Gemm B"), "Gemm B")
-    weight = _gemm_weight(rw, gemm)
+    weight = gemm_weight(rw, gemm)
     alpha, beta = float(attr(gemm, "alpha", 1.0)), float(attr(gemm, "beta", 1.0))
     in_axis = 1 if attr(gemm, "transB", 0) else 0
     w64, shift = fold_before(weight.astype(np.float64) * alpha, None, a, b, in_axis=in_axis)
@@ -144,7 +144,7 @@ def _add_shift(c64: Optional[np.ndarray], shift: np.ndarray) -> np.ndarray:
 
 def _matmul_plan(rw: GraphRewrite, matmul: NodeProto, a, b) -> Callable[[], None]:
     dtype = float_dtype(rw.scope.tensor(matmul.input[1], "MatMul weight"), "MatMul weight")
-    weight = _matmul_weight(rw, matmul)
+    weight = matmul_weight(rw, matmul)
     w64, shift = fold_before(weight, None, a, b, in_axis=0)
     new_w = cast_back(w64, dtype, "weight")
     base = matmul.name or matmul.input[1]

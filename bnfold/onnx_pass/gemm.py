@@ -19,11 +19,11 @@ from .rewrite import GraphRewrite
 
 
 def gemm_output_axis(rw: GraphRewrite, gemm: NodeProto) -> Tuple[Axis, int]:
-    weight = _gemm_weight(rw, gemm)
+    weight = gemm_weight(rw, gemm)
     return Axis.known(2, 1), int(weight.shape[0 if attr(gemm, "transB", 0) else 1])
 
 
-def _gemm_weight(rw: GraphRewrite, gemm: NodeProto) -> np.ndarray:
+def gemm_weight(rw: GraphRewrite, gemm: NodeProto) -> np.ndarray:
     if rw.opset < 7:
         raise Refusal("unsupported-attribute", "Gemm before opset 7 has broadcast semantics bnfold does not fold")
     if len(gemm.input) < 2:
@@ -43,7 +43,7 @@ def _constant_2d(rw: GraphRewrite, name: str, what: str) -> np.ndarray:
 def fold_into_gemm(rw: GraphRewrite, gemm: NodeProto, a: np.ndarray, b: np.ndarray) -> None:
     """Make ``gemm`` compute ``a * gemm(x) + b`` per output feature; alpha and beta become 1."""
     dtype = float_dtype(rw.scope.tensor(gemm.input[1], "Gemm B"), "Gemm B")
-    weight = _gemm_weight(rw, gemm)
+    weight = gemm_weight(rw, gemm)
     alpha = float(attr(gemm, "alpha", 1.0))
     beta = float(attr(gemm, "beta", 1.0))
     axis = 0 if attr(gemm, "transB", 0) else 1
@@ -74,13 +74,13 @@ def fold_bias(c64: Optional[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.nda
 
 def matmul_output_axis(rw: GraphRewrite, matmul: NodeProto) -> Tuple[Axis, int]:
     """Features on the last axis; the rank is the input's (a 2-D weight keeps it)."""
-    weight = _matmul_weight(rw, matmul)
+    weight = matmul_weight(rw, matmul)
     rank = rw.rank(matmul.input[0])
     axis = Axis.known(rank, rank - 1) if rank else Axis(None, None, -1, 1)
     return axis, int(weight.shape[1])
 
 
-def _matmul_weight(rw: GraphRewrite, matmul: NodeProto) -> np.ndarray:
+def matmul_weight(rw: GraphRewrite, matmul: NodeProto) -> np.ndarray:
     if len(matmul.input) != 2:
         raise Refusal("not-constant", "MatMul without two inputs")
     return _constant_2d(rw, matmul.input[1], "MatMul weight")
@@ -90,7 +90,7 @@ def fold_into_matmul(rw: GraphRewrite, matmul: NodeProto, a: np.ndarray, b: np.n
     """Scale the MatMul's weight by ``a`` per output feature; return ``b`` in the weight's dtype
     for an Add after it, or None when ``b`` is zero (a MatMul has no bias of its own)."""
     dtype = float_dtype(rw.scope.tensor(matmul.input[1], "MatMul weight"), "MatMul weight")
-    weight = _matmul_weight(rw, matmul)
+    weight = matmul_weight(rw, matmul)
     w64, c64 = fold_after(weight, None, a, b, axis=1)
     new_w = cast_back(w64, dtype, "weight")
     new_c = cast_back(c64, dtype, "bias") if np.any(c64 != 0) else None

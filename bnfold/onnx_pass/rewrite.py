@@ -5,13 +5,16 @@ these, so a refused fold leaves the graph untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set
 
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..report import FoldReport
 from .graph import GraphIndex, Names, Scope
+
+if TYPE_CHECKING:
+    from .shapes import ShapeTable
 
 
 @dataclass
@@ -21,7 +24,7 @@ class FoldContext:
     names: Names
     report: FoldReport
     opset: int
-    shapes: Callable[[], Dict[str, tuple]]
+    shapes: Callable[[], "ShapeTable"]  # inferred on first call (see onnx_pass.shapes)
     spill: Optional[object] = None  # a bnfold.onnx_wire.Spill, or None to keep tensors in memory
     orphans: List[str] = field(default_factory=list)
 
@@ -114,8 +117,6 @@ class GraphRewrite:
     def add_after(self, node: NodeProto, bias: str, base: str) -> NodeProto:
         """Make ``node`` write a fresh value and add ``bias`` to it under the old output name
         (a MatMul gaining a bias). Returns the new Add node."""
-        from onnx import helper
-
         out = node.output[0]
         fresh = self.names.fresh(f"{out}_bnfold_pre")
         node.output[0] = fresh
