@@ -358,8 +358,9 @@ def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def check_output_path(path: str, protect: Set[str] = frozenset()) -> None:
-    """Refuse an output path that cannot be written or would overwrite a protected file."""
+def check_output_path(path: str, protect: Set[str] = frozenset(), protected: str = "the input model or its data") -> None:
+    """Refuse an output path that cannot be written or would overwrite a protected file
+    (``protected`` says what those files are, for the message)."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if os.path.isdir(path):
@@ -368,7 +369,7 @@ def check_output_path(path: str, protect: Set[str] = frozenset()) -> None:
         raise OutputError(f"{folder}: output folder does not exist")
     for target in (path, path + ".data"):
         if os.path.realpath(target) in protect:
-            raise OutputError(f"{target}: would overwrite a model file this run reads or writes; choose another path")
+            raise OutputError(f"{target}: would overwrite {protected}; choose another path")
 
 
 @contextlib.contextmanager

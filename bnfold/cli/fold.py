@@ -159,7 +159,7 @@ def _check_json_target(json_path, models):
     for m in models:
         real = os.path.realpath(m)
         taken.update({real, real + ".data"})
-    check_output_path(json_path, taken)
+    check_output_path(json_path, taken, protected="a model file this run reads or writes")
 
 
 def _model_paths(outcome):
