@@ -131,18 +131,20 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     (see :mod:`bnfold.onnx_wire`) until something reads them. For file-to-file folding:
     the writer copies untouched weights through without ever holding them in memory.
     """
-    from .onnx_wire import WireError, make_stub, read_lazy
+    from .onnx_wire import make_stub, read_lazy
 
     _read_file_check(path)
-    if os.path.getsize(path) < LAZY_FILE_MIN_BYTES:
-        return read_model(path)  # small file: protobuf's C parser beats a walk in Python
-    try:
-        model, stub_positions = read_lazy(path)
-    except (WireError, OSError, ValueError, RecursionError):
-        return read_model(path)  # malformed: the full parser words the error
-    except Exception:  # protobuf's DecodeError and kin
-        return read_model(path)
-    if not model.HasField("graph") or model.ir_version <= 0:
+    model, stub_positions = None, []
+    if os.path.getsize(path) >= LAZY_FILE_MIN_BYTES:  # else protobuf's C parser beats a walk in Python
+        try:
+            model, stub_positions = read_lazy(path)
+        except Exception:  # malformed (WireError, protobuf's DecodeError, ...): the full parser words it
+            model = None
+    if model is None:
+        # A small file may still point at gigabytes of external data: parse it, but leave
+        # the external tensors on disk (they become stubs below).
+        model, _ = read_model(path, load_external=False)
+    elif not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
     base_dir = os.path.dirname(os.path.abspath(path))
     stubs = set(stub_positions)

@@ -133,3 +133,18 @@ def test_non_float_stub_reads_back(tmp_path):
     out = onnx.load(dst)
     got = {t.name: t for t in out.graph.initializer}["lookup"]
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(got), np.arange(5000))
+
+
+def test_small_model_file_keeps_its_external_data_on_disk(tmp_path, monkeypatch):
+    """A model file parsed whole (small) may still point at gigabytes of external data: those
+    tensors must stay on disk as stubs, not be loaded."""
+    monkeypatch.setattr("bnfold.onnx_io.LAZY_FILE_MIN_BYTES", 1 << 40)
+    model = big_model()
+    src = str(tmp_path / "m.onnx")
+    onnx.save_model(model, src, save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy, files = read_model_lazy(src)
+    assert files == {os.path.realpath(str(tmp_path / "m.data"))}
+    assert all(is_stub(t) for t in lazy.graph.initializer)
+    dst = str(tmp_path / "f.onnx")
+    fold_file(src, dst)
+    assert_equivalent(onnx.load(src), onnx.load(dst))
