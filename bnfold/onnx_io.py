@@ -25,6 +25,7 @@ import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
 from .errors import ExternalDataError, InputError, LimitError, OutputError
+from .onnx_wire import copy_range, is_stub, key, make_stub, point_to, read_lazy, stub_source, varint
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized protobuf message cannot exceed 2 GiB
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file when writing external data
@@ -78,9 +79,10 @@ def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
     ``stored`` is the number of data bytes it holds (raw or external), None when its values
     sit in typed fields. Checked before anything is read or allocated from its dims.
     """
+    dims = tensor.dims
+    if dims and min(dims) < 0:
+        raise InputError(f"tensor '{tensor.name or '<unnamed>'}' has a negative dimension {list(dims)}")
     name = tensor.name or "<unnamed>"
-    if any(d < 0 for d in tensor.dims):
-        raise InputError(f"tensor '{name}' has a negative dimension {list(tensor.dims)}")
     count = 1
     for d in tensor.dims:
         count *= d  # Python ints: no overflow
@@ -110,8 +112,6 @@ def _itemsize(data_type: int) -> Optional[int]:
 
 
 def _stored_bytes(tensor: TensorProto) -> Optional[int]:
-    from .onnx_wire import is_stub, stub_source
-
     if is_stub(tensor):
         return stub_source(tensor)[2]
     if tensor.data_location == TensorProto.EXTERNAL:
@@ -131,8 +131,6 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     (see :mod:`bnfold.onnx_wire`) until something reads them. For file-to-file folding:
     the writer copies untouched weights through without ever holding them in memory.
     """
-    from .onnx_wire import make_stub, read_lazy
-
     _read_file_check(path)
     model, stub_positions = None, []
     if os.path.getsize(path) >= LAZY_FILE_MIN_BYTES:  # else protobuf's C parser beats a walk in Python
@@ -140,6 +138,7 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
             model, stub_positions = read_lazy(path)
         except Exception:  # malformed (WireError, protobuf's DecodeError, ...): the full parser words it
             model = None
+    checked = model is None  # read_model checks the sizes of the tensors it holds
     if model is None:
         # A small file may still point at gigabytes of external data: parse it, but leave
         # the external tensors on disk (they become stubs below).
@@ -156,10 +155,12 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
         if length is None:
             length = os.path.getsize(real) - offset
         make_stub(tensor, real, offset, length)
+        check_tensor_size(tensor, length)
         files.add(real)
     # External tensors elsewhere (subgraphs, attributes) are few: read them now.
-    files |= _load_external_tensors(iter_tensors(model.graph, initializers=False), base_dir)
-    for tensor in iter_tensors(model.graph):
+    rest = [t for t in iter_tensors(model.graph, initializers=False) if t.data_location == TensorProto.EXTERNAL]
+    files |= _load_external_tensors(rest, base_dir)
+    for tensor in rest if checked else iter_tensors(model.graph):
         check_tensor_size(tensor, _stored_bytes(tensor))
     return model, files
 
@@ -265,8 +266,6 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
                 raise InputError(f"tensor '{tensor.name}': {len(raw)} bytes of data for {count} elements")
             return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
         return numpy_helper.to_array(tensor)
-    from .onnx_wire import is_stub
-
     if not is_stub(tensor):  # a reference from the model itself: never followed from here
         raise ExternalDataError(f"tensor '{tensor.name}': its external data was not loaded")
     info = {e.key: e.value for e in tensor.external_data}
@@ -436,8 +435,6 @@ def write_streaming(model: ModelProto, out: BinaryIO) -> None:
     graph is written last and its initializers after its other fields. A lazy stub's bytes
     are copied from its file into the tensor's ``raw_data``, never held in memory.
     """
-    from .onnx_wire import copy_range, is_stub, key, stub_source, varint
-
     head = shallow_copy(model, "graph").SerializeToString(deterministic=True)
     graph_rest = shallow_copy(model.graph, "initializer").SerializeToString(deterministic=True)
     pieces = []  # (header bytes or None, data size, stub source or None)
@@ -482,8 +479,6 @@ def _write_external(model: ModelProto, out: BinaryIO, data_out: BinaryIO, data_n
     This empties those tensors' ``raw_data`` in ``model`` (restoring them would mean holding a
     second copy of every weight) and repoints stubs at the new file; callers pass a model they own.
     """
-    from .onnx_wire import copy_range, is_stub, point_to, stub_source
-
     offset = 0
     for tensor in iter_tensors(model.graph):
         stub = is_stub(tensor)
