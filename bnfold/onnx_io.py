@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import BinaryIO, Iterator, List, Optional, Set, Tuple
+from typing import BinaryIO, Iterator, Optional, Set, Tuple
 
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper

@@ -16,7 +16,6 @@ setting it also switches from the fixed CI cases to fresh random ones.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import subprocess
 import sys

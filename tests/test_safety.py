@@ -16,9 +16,8 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner

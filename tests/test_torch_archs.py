@@ -9,7 +9,6 @@ pairs. Other test_torch_* files import the builders and helpers from here.
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import pytest
 

@@ -6,13 +6,14 @@ import functools
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import click
 
 from ..errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_LIMIT, BnfoldError
 
 
-def fail(message: str, code: int) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int) -> NoReturn:
     click.echo(f"bnfold: error: {message}", err=True)
     sys.exit(code)
 
@@ -52,7 +53,7 @@ def handles_errors(func):
     return wrapper
 
 
-def _quiet_exit_on_closed_pipe() -> "NoReturn":  # noqa: F821
+def _quiet_exit_on_closed_pipe() -> NoReturn:
     """The reader of our output went away (``bnfold ... | head``): stop silently, as shell
     tools do, with the SIGPIPE status, and keep Python from complaining at exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)

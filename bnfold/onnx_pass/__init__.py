@@ -163,7 +163,7 @@ def _fold_graph(graph: GraphProto, scope: Scope, ctx: FoldContext, path: str) ->
 
 def _fold_leftover_bn(rw: GraphRewrite, bn: NodeProto, handled: set, refusals: Refusals) -> None:
     merge_after_bn(rw, bn, handled)
-    label = node_label(bn)
+    label = rw.label(bn)
     try:
         rule, users = fold_bn_before(rw, bn)
     except Refusal as before:
@@ -171,12 +171,12 @@ def _fold_leftover_bn(rw: GraphRewrite, bn: NodeProto, handled: set, refusals: R
         why = refusals.get(id(bn))
         if why is None:
             why = before if before.reason != "no-linear-consumer" else _no_producer(producer)
-        p_label = node_label(producer) if producer is not None else None
+        p_label = rw.label(producer) if producer is not None else None
         p_op = producer.op_type if producer is not None else None
         rw.report.add_skipped(label, why.reason, why.detail, p_label, p_op, rw.path)
         return
     handled.add(id(bn))
-    rw.report.add_folded(label, ", ".join(node_label(u) for u in users), users[0].op_type, rule, rw.path)
+    rw.report.add_folded(label, ", ".join(rw.label(u) for u in users), users[0].op_type, rule, rw.path)
 
 
 def _no_producer(producer) -> Refusal:

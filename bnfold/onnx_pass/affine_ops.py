@@ -25,14 +25,14 @@ AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
 
 def report_affine_folded(rw: GraphRewrite, node: NodeProto, into: NodeProto, rule: str) -> None:
     """Record a folded run of affine ops, named by its first node."""
-    entry = {"node": node_label(node), "op": node.op_type, "into": node_label(into), "into_op": into.op_type,
+    entry = {"node": rw.label(node), "op": node.op_type, "into": rw.label(into), "into_op": into.op_type,
              "rule": rule, "graph": rw.path}
     rw.report.extra.setdefault(AFFINE_FOLDED, []).append(entry)
 
 
 def report_affine_skipped(rw: GraphRewrite, node: NodeProto, after: NodeProto, why: Refusal) -> None:
     """Record an affine op right after a linear op that could not be folded, and why."""
-    entry = {"node": node_label(node), "op": node.op_type, "after": node_label(after), "after_op": after.op_type,
+    entry = {"node": rw.label(node), "op": node.op_type, "after": rw.label(after), "after_op": after.op_type,
              "reason": why.reason, "detail": why.detail, "graph": rw.path}
     rw.report.extra.setdefault(AFFINE_SKIPPED, []).append(entry)
 

@@ -280,7 +280,7 @@ def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], h
         layout = "layout-" if s.after_layout else ""
         if s.kind == "bn":
             handled.add(id(s.node))
-            rw.report.add_folded(node_label(s.node), node_label(linear), linear.op_type, f"{kind}-{layout}bn", rw.path)
+            rw.report.add_folded(rw.label(s.node), rw.label(linear), linear.op_type, f"{kind}-{layout}bn", rw.path)
             in_run = bias_add = False
         elif s.kind == "affine":
             if bias_add and s.node.op_type == "Add" and not s.after_layout:

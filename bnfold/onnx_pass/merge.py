@@ -16,7 +16,7 @@ from ..affine import Refusal, cast_back
 from .affine_ops import report_affine_folded
 from .bn import read_bn
 from .chain import Refusals, compose, rewire, walk
-from .graph import float_dtype, node_label
+from .graph import float_dtype
 from .layout import Axis
 from .rewrite import GraphRewrite
 
@@ -52,7 +52,7 @@ def merge_after_bn(rw: GraphRewrite, bn: NodeProto, handled: set) -> None:
     for s in steps:
         if s.kind == "bn":
             handled.add(id(s.node))
-            rw.report.add_folded(node_label(s.node), node_label(bn), bn.op_type, "bn-bn", rw.path)
+            rw.report.add_folded(rw.label(s.node), rw.label(bn), bn.op_type, "bn-bn", rw.path)
             in_run = False
         elif s.kind == "affine":
             if not in_run:

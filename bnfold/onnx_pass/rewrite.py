@@ -11,7 +11,7 @@ import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..report import FoldReport
-from .graph import GraphIndex, Names, Scope
+from .graph import GraphIndex, Names, Scope, node_label
 
 if TYPE_CHECKING:
     from .shapes import ShapeTable
@@ -42,6 +42,9 @@ class GraphRewrite:
         self.graph = graph
         self.scope = scope
         self.index = GraphIndex(graph)
+        # Reports name an unnamed node by its output, which a fold may rename: fix those
+        # labels now, as the user's model has them.
+        self._labels = {id(n): node_label(n) for n in graph.node if not n.name}
         self.names = ctx.names
         self.report = ctx.report
         self.path = path
@@ -53,6 +56,10 @@ class GraphRewrite:
         self.removed: Set[int] = set()  # id() of nodes to drop
         self.orphans: List[str] = []  # values that may now be unused
         self.gone_values: Set[str] = set()  # values that no longer exist
+
+    def label(self, node: NodeProto) -> str:
+        """The node's name for reports, as it was before any rewrite of this graph."""
+        return node.name or self._labels.get(id(node)) or node_label(node)
 
     def shape(self, name: str) -> Optional[tuple]:
         """The inferred shape of ``name`` (dimensions None where unknown), or None."""

@@ -12,7 +12,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 import onnx
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto, helper
 
 from .graph import all_graphs
 

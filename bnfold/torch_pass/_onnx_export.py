@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..report import FoldReport
 from ._math import to_numpy
 from ._module import examples_of, fold_module
 
