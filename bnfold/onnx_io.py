@@ -131,7 +131,7 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     (see :mod:`bnfold.onnx_wire`) until something reads them. For file-to-file folding:
     the writer copies untouched weights through without ever holding them in memory.
     """
-    _read_file_check(path)
+    check_readable(path)
     model, stub_positions = None, []
     if os.path.getsize(path) >= LAZY_FILE_MIN_BYTES:  # else protobuf's C parser beats a walk in Python
         try:
@@ -165,7 +165,8 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     return model, files
 
 
-def _read_file_check(path: str) -> None:
+def check_readable(path: str) -> None:
+    """Refuse a model path that is missing, a directory, or unreadable (InputError)."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -175,10 +176,7 @@ def _read_file_check(path: str) -> None:
 
 
 def _read_file(path: str) -> bytes:
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not a model file")
+    check_readable(path)
     try:
         with open(path, "rb") as f:
             return f.read()

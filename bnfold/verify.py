@@ -117,10 +117,9 @@ def model_label(model: ModelLike) -> str:
 
 
 def _check_path(path: str) -> None:
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not an ONNX file")
+    from .onnx_io import check_readable  # one wording for every command
+
+    check_readable(path)
 
 
 def _load_proto(model: ModelLike):
@@ -131,16 +130,9 @@ def _load_proto(model: ModelLike):
         if isinstance(model, onnx.ModelProto):
             return model
         raise InputError(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
-    path = os.fspath(model)
-    _check_path(path)
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as exc:  # DecodeError and friends: the bytes are not a ModelProto
-        raise InputError(f"{path}: not an ONNX model ({_one_line(str(exc)) or type(exc).__name__})") from None
-    if proto.ir_version == 0 and not proto.HasField("graph"):
-        # An empty or unrelated protobuf parses as an empty ModelProto.
-        raise InputError(f"{path}: not an ONNX model (no graph, no IR version)")
-    return proto
+    from .onnx_io import read_model  # the fold's own parser: same checks, same messages
+
+    return read_model(os.fspath(model), load_external=False)[0]
 
 
 def _interface(model: ModelLike) -> _Interface:

@@ -86,9 +86,8 @@ def fold_tensors(
     if bias is not None and bias.dtype != weight.dtype:
         raise Refusal("unsupported-dtype", f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     w64, c64 = fold_after(to64(weight), to64(bias), a, b, axis, groups)
-    with np.errstate(over="ignore", invalid="ignore"):  # cast_back turns overflow into a Refusal
-        w_np = cast_back(w64, np_dtype, f"weight of {name}")
-        c_np = cast_back(c64, np_dtype, f"bias of {name}")
+    w_np = cast_back(w64, np_dtype, f"weight of {name}")  # refuses overflow of the dtype
+    c_np = cast_back(c64, np_dtype, f"bias of {name}")
     w_new = from_numpy(w_np, weight.dtype, weight.device)
     c_new = from_numpy(c_np, weight.dtype, weight.device)
     return same_layout(w_new, weight), c_new
