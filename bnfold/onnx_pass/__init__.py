@@ -26,8 +26,9 @@ from onnx import GraphProto, ModelProto, NodeProto
 from ..affine import Refusal
 from ..report import FoldReport
 from .before import fold_bn_before
-from .bn import is_batchnorm
-from .chain import Refusals, fold_chain_after, is_linear
+from .chain import Refusals, fold_chain_after
+from .ops import is_linear
+from .ops.batchnorm import is_batchnorm
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .merge import merge_after_bn
 from .rewrite import FoldContext, GraphRewrite

@@ -15,36 +15,19 @@ graph's size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from onnx import NodeProto
 
 from ..affine import Refusal
-from .affine_ops import constant_operand, per_channel, report_affine_folded, report_affine_skipped
-from .bn import is_batchnorm, read_bn
-from .consts import drop_dead_subgraph
-from .conv import conv_output_axis, fold_into_conv
-from .gemm import fold_into_gemm, fold_into_matmul, gemm_output_axis, matmul_output_axis
+from ..report import AFFINE_FOLDED, AFFINE_SKIPPED
 from .graph import node_label
-from .affine_ops import AFFINE_OPS
 from .layout import LAYOUT_OPS, NOOP_OPS, Axis, is_layout, is_noop, map_layout, transpose_perm
+from .ops import is_linear, linear_op
+from .ops.batchnorm import is_batchnorm, read_bn
+from .ops.elementwise import ELEMENTWISE_OPS, constant_operand, per_channel
 from .rewrite import GraphRewrite
-
-
-@dataclass
-class Linear:
-    kind: str  # the prefix of the rule names: conv, convtranspose, gemm, matmul
-    output_axis: Callable
-    fold: Callable
-
-
-LINEAR: Dict[str, Linear] = {
-    "Conv": Linear("conv", conv_output_axis, fold_into_conv),
-    "ConvTranspose": Linear("convtranspose", conv_output_axis, fold_into_conv),
-    "Gemm": Linear("gemm", gemm_output_axis, fold_into_gemm),
-    "MatMul": Linear("matmul", matmul_output_axis, fold_into_matmul),
-}
 
 
 @dataclass
@@ -59,19 +42,15 @@ class Step:
     after_layout: bool = False  # a layout op lies between the linear op and this step
 
 
-PASSABLE = NOOP_OPS | LAYOUT_OPS | AFFINE_OPS
+PASSABLE = NOOP_OPS | LAYOUT_OPS | ELEMENTWISE_OPS
 Refusals = Dict[int, Refusal]  # id() of a BN -> why a linear op before it could not take it
-
-
-def is_linear(node: NodeProto) -> bool:
-    return node.op_type in LINEAR and node.domain in ("", "ai.onnx") and bool(node.output)
 
 
 def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Optional[Refusal]]:
     """The sole reader of ``value``, or None and (when there are readers) why it is not alone."""
-    if value in rw.index.outputs:
+    if rw.is_graph_output(value):
         return None, Refusal("producer-output-is-graph-output", f"'{value}' is a graph output")
-    users = rw.index.consumers.get(value, [])
+    users = rw.consumers(value)
     if not users:
         return None, None
     if len(users) > 1:
@@ -80,18 +59,18 @@ def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Option
     node = users[0]
     if list(node.input).count(value) != 1:
         return None, Refusal("producer-has-other-consumers", f"'{value}' is read twice by {node_label(node)}")
-    if id(node) in rw.removed:
+    if rw.is_removed(node):
         return None, None
     return node, None
 
 
 def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals: Refusals) -> None:
     """Fold the affine chain after ``linear``; record why BNs on it were refused in ``refusals``."""
-    spec = LINEAR[linear.op_type]
+    op = linear_op(rw, linear)
     try:
-        axis, channels = spec.output_axis(rw, linear)
+        axis, channels = op.output_axis()
     except Refusal as why:
-        for user in rw.index.consumers.get(linear.output[0], []):
+        for user in rw.consumers(linear.output[0]):
             for bn in [user] if is_batchnorm(user) else _bns_ahead(rw, user):
                 refusals.setdefault(id(bn), why)
         return
@@ -106,10 +85,10 @@ def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals
     drop_layout = _transposes_cancel(rw, prefix)
     n_bn = sum(s.kind == "bn" for s in prefix)
     removed = sum(s.kind != "layout" or drop_layout for s in prefix)
-    if spec.kind == "matmul" and n_bn == 0 and removed - bool(np.any(b != 0)) <= 0:
+    if op.kind == "matmul" and n_bn == 0 and removed - bool(np.any(b != 0)) <= 0:
         return  # MatMul -> Add(bias) alone is already as small as it gets
     try:
-        bias = spec.fold(rw, linear, a, b)
+        edit = op.after(a, b)
     except Refusal as why:
         for s in prefix:
             if s.kind == "bn":
@@ -117,12 +96,9 @@ def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals
             elif s.kind == "affine":
                 report_affine_skipped(rw, s.node, linear, why)
         return
-    head = linear
-    if bias is not None:  # a MatMul's folded bias goes into an Add right after it
-        base = linear.name or linear.input[1]
-        head = rw.add_after(linear, rw.add_initializer(f"{base}_bnfold_bias", bias), base)
+    head = edit()  # a MatMul's folded bias goes into an Add right after it: the new head
     rewire(rw, head, prefix, drop_layout)
-    _report(rw, linear, spec.kind, prefix, handled)
+    _report(rw, linear, op.kind, prefix, handled)
 
 
 def walk(
@@ -139,7 +115,7 @@ def walk(
         node, why = next_link(rw, value)
         if node is None:
             if why is not None:
-                for user in rw.index.consumers.get(value, []):
+                for user in rw.consumers(value):
                     ahead = [user] if is_batchnorm(user) else _bns_ahead(rw, user)
                     for bn in ahead:
                         refusals.setdefault(id(bn), why)
@@ -177,7 +153,7 @@ def walk(
 
 
 def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: int) -> Step:
-    affine = read_bn(bn, rw.scope)
+    affine = read_bn(rw, bn)
     if bn.input[0] != value:
         raise Refusal("not-constant", f"'{value}' is a parameter of the BN, not its input")
     axis = _known_rank(rw, axis, value)
@@ -199,7 +175,7 @@ def _bns_ahead(rw: GraphRewrite, node: NodeProto, limit: int = 16) -> List[NodeP
     for _ in range(limit):
         if node.op_type not in PASSABLE or not node.output:
             return []
-        users = rw.index.consumers.get(node.output[0], [])
+        users = rw.consumers(node.output[0])
         if len(users) != 1:
             return []
         node = users[0]
@@ -246,26 +222,20 @@ def rewire(rw: GraphRewrite, head: NodeProto, steps: List[Step], drop_layout: bo
     for s in steps:
         if s.kind == "layout" and not drop_layout:
             if pending is not None:
-                _bridge(rw, live_node, live_value, pending)
+                rw.rename_output(live_node, live_value, pending)
             live_node, live_value, pending = s.node, s.node.output[0], None
             continue
         rw.drop_node(s.node)
-        rw.gone_values.update(o for o in s.node.output[1:] if o)
+        rw.forget(s.node.output[1:])
         if pending is not None:
-            rw.gone_values.add(pending)
+            rw.forget([pending])
         pending = s.node.output[0]
         if s.kind == "bn":
-            rw.orphans.extend(n for n in s.node.input[1:] if n)
+            rw.orphan(s.node.input[1:])
         elif s.kind == "affine":
-            drop_dead_subgraph(rw, s.const)
+            rw.drop_dead_constant(s.const)
     if pending is not None:
-        _bridge(rw, live_node, live_value, pending)
-
-
-def _bridge(rw: GraphRewrite, node: NodeProto, old: str, new: str) -> None:
-    rw.index.rename_output(node, old, new)
-    rw.gone_values.add(old)
-    rw.gone_values.discard(new)
+        rw.rename_output(live_node, live_value, pending)
 
 
 def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], handled: set) -> None:
@@ -297,3 +267,17 @@ def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], h
 def _known_rank(rw: GraphRewrite, axis: Axis, value: str) -> Axis:
     """``axis`` with its rank filled in; shapes are looked up only when it is still unknown."""
     return axis if axis.rank is not None else axis.with_rank(rw.rank(value))
+
+
+def report_affine_folded(rw: GraphRewrite, node: NodeProto, into: NodeProto, rule: str) -> None:
+    """Record a folded run of affine ops, named by its first node."""
+    entry = {"node": rw.label(node), "op": node.op_type, "into": rw.label(into), "into_op": into.op_type,
+             "rule": rule, "graph": rw.path}
+    rw.report.extra.setdefault(AFFINE_FOLDED, []).append(entry)
+
+
+def report_affine_skipped(rw: GraphRewrite, node: NodeProto, after: NodeProto, why: Refusal) -> None:
+    """Record an affine op right after a linear op that could not be folded, and why."""
+    entry = {"node": rw.label(node), "op": node.op_type, "after": rw.label(after), "after_op": after.op_type,
+             "reason": why.reason, "detail": why.detail, "graph": rw.path}
+    rw.report.extra.setdefault(AFFINE_SKIPPED, []).append(entry)

@@ -9,22 +9,19 @@ merge is exact up to one rounding of the two new vectors.
 
 from __future__ import annotations
 
-import numpy as np
 from onnx import NodeProto
 
-from ..affine import Refusal, cast_back
-from .affine_ops import report_affine_folded
-from .bn import read_bn
-from .chain import Refusals, compose, rewire, walk
-from .graph import float_dtype
+from ..affine import Refusal
+from .chain import Refusals, compose, report_affine_folded, rewire, walk
 from .layout import Axis
+from .ops.batchnorm import read_bn
 from .rewrite import GraphRewrite
 
 
 def merge_after_bn(rw: GraphRewrite, bn: NodeProto, handled: set) -> None:
     """Merge the affine ops after ``bn`` into it; silently do nothing when none can be."""
     try:
-        first = read_bn(bn, rw.scope)
+        first = read_bn(rw, bn)
     except Refusal:
         return
     rank = rw.rank(bn.input[0]) or rw.rank(bn.output[0])
@@ -37,16 +34,10 @@ def merge_after_bn(rw: GraphRewrite, bn: NodeProto, handled: set) -> None:
         return
     a, c = compose(steps, first.channels)
     try:
-        names = (bn.input[1], bn.input[2])
-        dtypes = [float_dtype(rw.scope.tensor(n, "BN parameter"), "BN parameter") for n in names]
-        scale, shift = (rw.scope.array(n, "BN parameter").astype(np.float64) for n in names)
-        new_scale = cast_back(a * scale, dtypes[0], "BN scale")
-        new_shift = cast_back(a * shift + c, dtypes[1], "BN shift")
+        edit = first.after(rw, a, c)
     except Refusal:
         return
-    base = bn.name or bn.output[0]
-    rw.set_input(bn, 1, rw.add_initializer(f"{base}_bnfold_scale", new_scale))
-    rw.set_input(bn, 2, rw.add_initializer(f"{base}_bnfold_B", new_shift))
+    edit()
     rewire(rw, bn, steps)
     in_run = False
     for s in steps:
