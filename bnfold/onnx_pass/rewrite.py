@@ -48,7 +48,6 @@ class GraphRewrite:
         # labels now, as the user's model has them.
         self._labels = {id(n): node_label(n) for n in graph.node if not n.name}
         self.names = ctx.names
-        self.report = ctx.report
         self.path = path
         self.opset = ctx.opset
         self._shapes = ctx.shapes

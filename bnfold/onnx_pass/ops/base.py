@@ -83,6 +83,14 @@ def check_float(value: np.ndarray, name: str, what: str) -> np.ndarray:
     return value
 
 
+def constant_2d(rw: GraphRewrite, name: str, what: str) -> np.ndarray:
+    """The 2-D float constant behind ``name``; refuse anything else."""
+    weight = float_constant(rw, name, what)
+    if weight.ndim != 2:
+        raise Refusal("not-per-channel", f"{what} has rank {weight.ndim}, expected 2")
+    return weight
+
+
 def combine_bias(c64: Optional[np.ndarray], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``c * a + b`` for a bias ``c`` broadcasting against ``[M, N]`` (features on the last
     axis); refuse one that does not broadcast per feature. ``c`` None reads as zero."""

@@ -13,7 +13,7 @@ import numpy as np
 from ...affine import Refusal, cast_back, fold_after, fold_before
 from ..graph import attr, node_label, set_attr
 from ..layout import Axis
-from .base import Edit, LinearOp, combine_bias, float_constant, optional_input
+from .base import Edit, LinearOp, combine_bias, constant_2d, optional_input
 
 
 class Gemm(LinearOp):
@@ -61,10 +61,3 @@ class Gemm(LinearOp):
 
         return edit
 
-
-def constant_2d(rw, name: str, what: str) -> np.ndarray:
-    """The 2-D float constant behind ``name``; refuse anything else."""
-    weight = float_constant(rw, name, what)
-    if weight.ndim != 2:
-        raise Refusal("not-per-channel", f"{what} has rank {weight.ndim}, expected 2")
-    return weight

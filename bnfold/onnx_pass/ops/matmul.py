@@ -19,9 +19,8 @@ from onnx import NodeProto
 from ...affine import Refusal, cast_back, fold_after, fold_before
 from ..layout import Axis
 from ..rewrite import GraphRewrite
-from .base import Edit, LinearOp, combine_bias
+from .base import Edit, LinearOp, combine_bias, constant_2d
 from .elementwise import constant_operand
-from .gemm import constant_2d
 
 
 class MatMul(LinearOp):

@@ -1,4 +1,4 @@
-"""Rule: BN before a linear op. ``W (a * x + b) + c`` is ``(W * a) x + (c + W b)``: the weights
+"""Rules: BN before a linear op. ``W (a * x + b) + c`` is ``(W * a) x + (c + W b)``: the weights
 are scaled per *input* channel and ``W b`` joins the bias (:func:`bnfold.affine.fold_before`).
 
 Pattern: every reader of the BN's output is a Conv, Gemm or MatMul reading it as its data
@@ -11,24 +11,40 @@ contiguous block of features). Rewrite: the readers read the BN's input; the BN 
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 from onnx import NodeProto
 
-from ..affine import Refusal
-from .graph import attr, node_label
-from .ops import linear_op
-from .ops.batchnorm import read_bn
-from .rewrite import GraphRewrite
+from ...affine import Refusal
+from ..graph import attr, node_label
+from ..ops import linear_op
+from ..ops.batchnorm import read_bn
+from ..rewrite import GraphRewrite
+from . import Outcome
+
+RULES: Dict[str, str] = {
+    "bn-conv": "BN -> Conv without padding (grouped, depthwise)",
+    "bn-gemm": "BN1d -> Gemm",
+    "bn-matmul": "BN1d -> MatMul on a 2-D value",
+    "bn-flatten-gemm": "BN2d -> Flatten(axis=1) -> Gemm (bn-flatten-matmul likewise)",
+}
 
 CONSUMERS = {"Conv", "Gemm", "MatMul", "Flatten", "ConvTranspose"}
 
 Plan = Tuple[str, Callable[[], None]]  # (kind for the rule name, the edit)
 
 
-def fold_bn_before(rw: GraphRewrite, bn: NodeProto) -> Tuple[str, List[NodeProto]]:
-    """Fold ``bn`` into the linear ops reading it; return the rule name and those readers."""
+def fold_before_linear(rw: GraphRewrite, bn: NodeProto) -> Outcome:
+    """Fold ``bn`` into the linear ops reading it, or say why not."""
+    try:
+        rule, users = _fold(rw, bn)
+    except Refusal as why:
+        return Outcome(bn, refusal=why)
+    return Outcome(bn, rule, users)
+
+
+def _fold(rw: GraphRewrite, bn: NodeProto):
     y = bn.output[0]
     users = list(rw.consumers(y))
     if not any(u.op_type in CONSUMERS and u.domain in ("", "ai.onnx") for u in users):
