@@ -47,18 +47,3 @@ def fold_onnx(model: ModelLike, *, inplace: bool = False) -> Tuple[ModelProto, F
     report = fold_model_proto(model)
     return model, report
 
-
-def fold_file(
-    src: Union[str, "os.PathLike[str]"], dst: Union[str, "os.PathLike[str]"], *, check: bool = True, seed: int = 0
-) -> FoldReport:
-    """Fold the model at ``src`` and write it to ``dst``; return the report.
-
-    Weights are read lazily and copied through (see :mod:`bnfold.pipeline`), the result is
-    checked with onnxruntime unless ``check=False``, and ``dst`` is written atomically.
-    Raises :class:`bnfold.errors.BnfoldError` (``CheckFailed`` on a mismatch).
-    """
-    from ..pipeline import fold_path
-
-    outcome = fold_path(os.fspath(src), os.fspath(dst), check=check, seed=seed)
-    outcome.raise_for_error()
-    return outcome.report

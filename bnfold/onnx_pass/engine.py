@@ -36,8 +36,7 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
     """
     start = time.perf_counter()
     report = FoldReport(method="onnx-graph")
-    shapes = _lazy_shapes(model)
-    ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), shapes, spill)
+    ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), _lazy_shapes(model), spill)
     _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=ctx.opset), ctx, "")
     _drop_unused(model.graph, ctx.orphans, model.ir_version)
     _note_affine(report)
@@ -141,12 +140,12 @@ def _lazy_shapes(model: ModelProto):
         return lambda: ShapeTable(ModelProto())
     skeleton, table = snapshot(model), []
 
-    def shapes() -> ShapeTable:
+    def infer_once() -> ShapeTable:
         if not table:
             table.append(infer_from(skeleton))
         return table[0]
 
-    return shapes
+    return infer_once
 
 
 def _note_affine(report: FoldReport) -> None:

@@ -26,7 +26,7 @@ class FoldContext:
     names: Names
     report: FoldReport
     opset: int
-    shapes: Callable[[], "ShapeTable"]  # inferred on first call (see onnx_pass.shapes)
+    shape_table: Callable[[], "ShapeTable"]  # inferred on first call (see onnx_pass.shapes)
     spill: Optional[object] = None  # a bnfold.onnx_wire.Spill, or None to keep tensors in memory
     orphans: List[str] = field(default_factory=list)
 
@@ -50,7 +50,7 @@ class GraphRewrite:
         self.names = ctx.names
         self.path = path
         self.opset = ctx.opset
-        self._shapes = ctx.shapes
+        self._shape_table = ctx.shape_table
         self._spill = ctx.spill
         self.inserted: Dict[int, List[NodeProto]] = {}  # id() of node -> nodes to place after it
         self._computed: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
@@ -94,7 +94,7 @@ class GraphRewrite:
 
     def shape(self, name: str) -> Optional[tuple]:
         """The inferred shape of ``name`` (dimensions None where unknown), or None."""
-        return self._shapes().get(name)
+        return self._shape_table().get(name)
 
     def rank(self, name: str) -> Optional[int]:
         shape = self.shape(name)
