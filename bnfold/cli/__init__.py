@@ -7,10 +7,13 @@ not a command name as the start of a fold.
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
 from .. import __version__
+
+EXIT_USAGE = 2
 
 
 class _DefaultGroup(click.Group):
@@ -24,6 +27,25 @@ class _DefaultGroup(click.Group):
         elif len(args) > 1 and args[0] == "--debug" and args[1] not in self.commands and args[1] not in ("--help", "-h"):
             args = [args[0], self.default_command] + list(args[1:])
         return super().parse_args(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Like click's standalone mode, but a usage error is one line, ``bnfold: error: ...``
+        (exit 2), as every other error is, instead of click's usage block."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `bnfold`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            hint = _help_hint(exc)
+            click.echo(f"bnfold: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C outside a command body
+            click.echo("bnfold: error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +61,13 @@ def main(debug: bool) -> None:
     """
     if debug:
         os.environ["BNFOLD_DEBUG"] = "1"
+
+
+def _help_hint(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        return f" (see '{ctx.command_path} --help')"
+    return ""
 
 
 def _register() -> None:
