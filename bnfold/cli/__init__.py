@@ -49,15 +49,28 @@ class _DefaultGroup(click.Group):
 
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="bnfold")
-@click.option("--debug", is_flag=True, help="Print tracebacks for errors (for bug reports).")
+@click.version_option(__version__, prog_name="bnfold", help="Print the version and exit. Example: bnfold --version")
+@click.option("--debug", is_flag=True,
+              help="Print the traceback of an error (for bug reports). Example: bnfold --debug model.onnx -o f.onnx")
 def main(debug: bool) -> None:
-    """Fold BatchNorm layers into the linear ops before them, and prove the result equivalent.
+    """Fold BatchNorm layers into the linear ops around them, and prove the result equivalent.
 
     \b
-    bnfold MODEL.onnx -o OUT.onnx     fold (the default command; see `bnfold fold --help`)
-    bnfold check ORIGINAL FOLDED      compare two models with onnxruntime
-    bnfold bench MODEL [OTHER]        measure onnxruntime latency
+    Commands:
+      bnfold MODEL.onnx -o OUT.onnx     fold (the default command; see `bnfold fold --help`)
+      bnfold check ORIGINAL FOLDED      compare two models with onnxruntime
+      bnfold bench MODEL [OTHER]        measure onnxruntime latency
+
+    \b
+    Examples:
+      bnfold model.onnx -o model.folded.onnx
+      bnfold models/ --out-dir folded/ -j 2 --json report.json
+      bnfold check model.onnx model.folded.onnx --batches 4
+      bnfold bench model.onnx model.folded.onnx --runs 100
+
+    Every error is one line on stderr, `bnfold: error: ...`, with an exit code:
+    1 check failed, 2 bad input or usage, 3 external data, 4 output not writable,
+    5 safety limit, 70 internal error, 130 interrupted.
     """
     if debug:
         os.environ["BNFOLD_DEBUG"] = "1"

@@ -57,12 +57,13 @@ writable, 5 safety limit, 70 internal error, 130 interrupted.
               help="Report what would be folded; write nothing (no -o needed). Example: --dry-run --verbose")
 @click.option("-v", "--verbose", is_flag=True,
               help="Also list every BatchNorm and its fate, op counts and file size before/after, "
-                   "and each output's error statistics.")  # fmt: skip
+                   "and each output's error statistics. Example: -v")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
               metavar="FILE", help="Write the JSON report (schema in the README) to FILE; '-' for stdout "
                                    "(the text summary then goes to stderr). Example: --json report.json")  # fmt: skip
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Run the folded model against the original with onnxruntime before keeping it.")
+              help="Run the folded model against the original with onnxruntime before keeping it. "
+                   "Example: --no-check (skip it; then check later with `bnfold check`)")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N",
               help="Seed of the check's random inputs. Example: --seed 7")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -249,15 +250,35 @@ class BatchProgress(Status):
 
 
 class PhaseProgress(Status):
-    """``folding model.onnx: check (3.2 s)`` while one model goes through its phases."""
+    """``checking model.onnx (3.2 s)`` while one model goes through its phases, the time
+    ticking every half second (on a terminal only)."""
 
     LABELS = {"load": "loading", "fold": "folding", "write": "writing", "check": "checking"}
 
     def __init__(self, source: str) -> None:
         super().__init__()
-        self.source = source
+        self.source, self.phase = source, None
         self.start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if self.enabled:
+            threading.Thread(target=self._tick, daemon=True).start()
 
     def __call__(self, phase: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.show(f"{self.LABELS.get(phase, phase)} {self.source} ({elapsed:.1f} s so far)")
+        self.phase = phase
+        self._draw()
+
+    def _draw(self) -> None:
+        with self._lock:
+            if self.phase is not None and not self._stop.is_set():
+                elapsed = time.perf_counter() - self.start
+                self.show(f"{self.LABELS.get(self.phase, self.phase)} {self.source} ({elapsed:.1f} s)")
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            self._draw()
+
+    def clear(self) -> None:
+        self._stop.set()
+        with self._lock:
+            super().clear()
