@@ -7,6 +7,7 @@ Public API (imports are lazy, so ``import bnfold`` pulls in neither onnxruntime 
     module, report = bnfold.fold_module(torch_module)       # needs the [torch] extra
     model_or_module, report = bnfold.fold(obj)              # dispatches on the type
     result = bnfold.check("model.onnx", "folded.onnx")      # truthy when equivalent
+    timings = bnfold.bench("model.onnx", "folded.onnx")     # onnxruntime latency
 """
 
 from __future__ import annotations
@@ -39,25 +40,49 @@ def fold(obj, **kwargs):
     return _fold_onnx(obj, **kwargs)
 
 
+def fold_module(module, *args, **kwargs):
+    """Fold a torch ``nn.Module``; return ``(module, report)``. Needs the ``[torch]`` extra.
+
+    See :func:`bnfold.torch_pass.fold_module` for the options.
+    """
+    from .torch_pass import fold_module as _fold_module
+
+    return _fold_module(module, *args, **kwargs)
+
+
+def _bench():
+    try:
+        from .latency import bench
+    except ModuleNotFoundError as exc:  # before the module's rename to latency.py
+        if exc.name != f"{__name__}.latency":
+            raise
+        import importlib
+
+        bench = importlib.import_module(".bench", __name__).bench
+    return bench
+
+
+def _lazy(name):
+    if name == "fold_onnx":
+        from .onnx_pass import fold_onnx as value
+    elif name == "fold_file":
+        from .pipeline import fold_file as value
+    elif name == "check":
+        from .verify import check as value
+    elif name == "bench":
+        value = _bench()
+    elif name == "FoldReport":
+        from .report import FoldReport as value
+    else:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    return value
+
+
 def __getattr__(name):
-    if name in ("fold_onnx", "fold_file"):
-        from . import onnx_pass
+    value = _lazy(name)
+    globals()[name] = value  # resolved once; later lookups never come back here
+    return value
 
-        return getattr(onnx_pass, name)
-    if name == "fold_module":
-        from . import torch_pass
 
-        return torch_pass.fold_module
-    if name == "check":
-        from . import verify
-
-        return verify.check
-    if name == "bench":
-        from . import bench as _bench
-
-        return _bench.bench
-    if name == "FoldReport":
-        from .report import FoldReport
-
-        return FoldReport
-    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__") and n.endswith("__")})

@@ -1,31 +1,70 @@
 """File-to-file folding: one model (read lazily, folded, checked, written atomically), or many
 in parallel processes. The CLI is a thin layer over these functions.
+
+The file-type policy lives here, so that single runs, batch runs and :func:`fold_file` treat a
+path alike: ``.pt2`` is a ``torch.export`` program, pickled PyTorch files (``.pt``, ``.pth``,
+``.ckpt``, ...) are refused by name and never opened, and anything else is read as ONNX.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from onnx import AttributeProto, GraphProto, ModelProto
 
 from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, BnfoldError, CheckFailed, InputError, OutputError
 from .report import FoldReport
 
 ONNX_SUFFIX = ".onnx"
+PROGRAM_SUFFIX = ".pt2"
+# Files that can only be read by unpickling, which runs arbitrary code.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
+PICKLE_REFUSAL = (
+    "{path}: refusing to load a pickled PyTorch file, since unpickling runs arbitrary code. "
+    "Fold the module in Python with bnfold.fold_module(model), or save it with "
+    "torch.export.save(torch.export.export(model, args), 'model.pt2') and pass the .pt2 file"
+)
+
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
+PHASES = ("load", "fold", "write", "check")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def model_format(path: PathLike) -> str:
+    """``"pt2"`` or ``"onnx"`` for ``path``, by its name; a pickle raises :class:`InputError`."""
+    name = os.fspath(path).lower()
+    if name.endswith(PICKLE_SUFFIXES):
+        raise InputError(PICKLE_REFUSAL.format(path=os.fspath(path)))
+    return "pt2" if name.endswith(PROGRAM_SUFFIX) else "onnx"
 
 
 @dataclass
 class FoldOutcome:
-    """What happened to one model. ``exit_code`` follows :mod:`bnfold.errors`."""
+    """What happened to one model. ``exit_code`` follows :mod:`bnfold.errors`.
+
+    ``source`` and ``output`` are the paths as the caller gave them. ``verdict`` is the check's
+    result as a dict (:meth:`bnfold.verify.CheckResult.to_dict`), None when no check ran.
+    ``before`` / ``after`` hold ``{"bytes", "nodes", "ops"}`` of the input and of what was
+    written; ``times`` the seconds of each phase in :data:`PHASES` that ran.
+    """
 
     source: str
     output: Optional[str]
     exit_code: int = EXIT_OK
     error: Optional[str] = None
     report: Optional[FoldReport] = None
-    verdict: object = None  # a bnfold.verify.CheckResult when the check ran
+    verdict: Optional[Dict] = None
     seconds: float = 0.0
+    format: Optional[str] = None
+    before: Optional[Dict] = None
+    after: Optional[Dict] = None
+    times: Dict[str, float] = field(default_factory=dict)
     exception: Optional[BnfoldError] = field(default=None, repr=False)
     protected: frozenset = frozenset()  # real paths of the input and its data files
 
@@ -33,24 +72,89 @@ class FoldOutcome:
     def ok(self) -> bool:
         return self.exit_code == EXIT_OK
 
+    @property
+    def written(self) -> Optional[str]:
+        """The output path if this run wrote it, else None."""
+        return self.output if self.ok else None
+
+    @property
+    def status(self) -> str:
+        if self.ok:
+            return "ok"
+        if self.exit_code == EXIT_MISMATCH:
+            return "mismatch"
+        return "interrupted" if self.exit_code == EXIT_INTERRUPTED else "error"
+
     def raise_for_error(self) -> None:
         """Raise the failure as a :class:`bnfold.errors.BnfoldError` (for the Python API)."""
         if self.exception is not None:
             raise self.exception
+        if not self.ok:
+            raise BnfoldError(self.error or f"failed with exit code {self.exit_code}")
 
     def to_dict(self) -> Dict:
-        out = {
-            "input": self.source,
-            "output": self.output if self.ok else None,
-            "status": "ok" if self.ok else ("mismatch" if self.exit_code == EXIT_MISMATCH else "error"),
-            "exit_code": self.exit_code,
-            "seconds": round(self.seconds, 6),
-        }
-        if self.error:
-            out["error"] = self.error
+        """This model's entry in the JSON report (schema in the README, "JSON report")."""
+        fold = None
         if self.report is not None:
-            out["report"] = self.report.to_dict()
-        return out
+            fold = {k: v for k, v in self.report.to_dict().items() if k != "check"}
+        seconds = {"total": round(self.seconds, 6)}
+        seconds.update((k, round(v, 6)) for k, v in self.times.items())
+        return {
+            "input": self.source,
+            "output": self.written,
+            "format": self.format,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "fold": fold,
+            "check": self.verdict,
+            "before": self.before,
+            "after": self.after if self.written else None,
+            "seconds": seconds,
+        }
+
+
+SCHEMA_VERSION = 1  # of the JSON report of `bnfold MODEL... --json`; raised on incompatible changes
+
+
+def run_report(outcomes: Sequence[FoldOutcome], *, dry_run: bool = False, seconds: float = 0.0) -> Dict:
+    """The JSON report of a run, one model or many alike: ``models`` lists one entry per model
+    (:meth:`FoldOutcome.to_dict`) and ``summary`` adds them up. Schema: README, "JSON report"."""
+    from . import __version__
+
+    ok = [o for o in outcomes if o.ok]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "bnfold_version": __version__,
+        "dry_run": bool(dry_run),
+        "models": [o.to_dict() for o in outcomes],
+        "summary": {
+            "models": len(outcomes),
+            "ok": len(ok),
+            "failed": len(outcomes) - len(ok),
+            "folded": sum(o.report.n_folded for o in ok),
+            "left": sum(o.report.n_skipped for o in ok),
+            "exit_code": batch_exit_code(outcomes),
+            "seconds": round(seconds, 6),
+        },
+    }
+
+
+def fold_file(src: PathLike, dst: PathLike, *, check: bool = True, seed: int = 0,
+              shapes: Optional[Dict[str, Sequence[int]]] = None) -> FoldReport:  # fmt: skip
+    """Fold the model at ``src`` and write it to ``dst``; return the report.
+
+    ONNX weights are read lazily and copied through, the result is checked with onnxruntime
+    unless ``check=False`` (a ``.pt2`` program is checked on its example inputs), and ``dst``
+    is written atomically. Raises :class:`bnfold.errors.BnfoldError` (``CheckFailed`` on a
+    mismatch, ``InputError`` for a pickled file); the check's verdict is in
+    ``report.extra["check"]``.
+    """
+    outcome = fold_path(os.fspath(src), os.fspath(dst), check=check, seed=seed, shapes=shapes)
+    outcome.raise_for_error()
+    if outcome.verdict is not None:
+        outcome.report.extra["check"] = outcome.verdict
+    return outcome.report
 
 
 def fold_path(
@@ -59,43 +163,102 @@ def fold_path(
     *,
     check: bool = True,
     seed: int = 0,
-    shapes: Optional[Dict[str, List[int]]] = None,
+    shapes: Optional[Dict[str, Sequence[int]]] = None,
+    check_options: Optional[Dict] = None,
+    on_phase: Optional[Callable[[str], None]] = None,
 ) -> FoldOutcome:
-    """Fold the ONNX model at ``src`` into ``dst`` (None: report only, write nothing).
+    """Fold the model at ``src`` into ``dst`` (None: report only, write nothing).
 
     The output goes to a staging folder beside ``dst`` and is moved into place only when
     writing and the equivalence check both succeed. Expected failures come back in the
-    outcome (``exit_code``, ``error``); bugs propagate.
+    outcome (``exit_code``, ``error``); bugs and KeyboardInterrupt propagate (nothing is left
+    behind). ``check_options`` are passed on to :func:`bnfold.verify.check`; ``on_phase`` is
+    called with each phase name of :data:`PHASES` as it starts.
     """
-    from .onnx_io import check_output_path, read_model_lazy
-    from .onnx_pass import fold_model_proto
-
     start = time.perf_counter()
     outcome = FoldOutcome(os.fspath(src), None if dst is None else os.fspath(dst))
     try:
-        source = os.path.abspath(src)
-        model, data_files = read_model_lazy(source)
+        outcome.format = model_format(src)
+        if outcome.format == "pt2":
+            _fold_program(outcome, on_phase)
+        else:
+            options = dict(check_options or {}, seed=seed, shapes=dict(shapes or {}))
+            _fold_onnx(outcome, check, options, on_phase or (lambda phase: None))
+    except _Mismatch:
+        _fail(outcome, CheckFailed("the folded model does not match the original; nothing written"))
+    except BnfoldError as exc:
+        _fail(outcome, exc)
+    except UnicodeDecodeError:  # protobuf checks UTF-8 only when a string field is read
+        _fail(outcome, InputError(f"{src}: not a valid ONNX model (a string field is not valid UTF-8)"))
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def _fail(outcome: FoldOutcome, exc: BnfoldError) -> None:
+    outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
+
+
+class _Phases:
+    """Times the phases of one run into ``outcome.times`` and announces each as it starts."""
+
+    def __init__(self, outcome: FoldOutcome, on_phase: Callable[[str], None]) -> None:
+        self.outcome, self.on_phase = outcome, on_phase
+
+    def __call__(self, name: str):
+        phases = self
+
+        class _Timer:
+            def __enter__(self):
+                phases.on_phase(name)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                phases.outcome.times[name] = phases.outcome.times.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Timer()
+
+
+def _fold_onnx(outcome: FoldOutcome, check: bool, check_options: Dict, on_phase) -> None:
+    from .onnx_io import check_output_path, read_model_lazy
+    from .onnx_pass import fold_model_proto
+
+    phase = _Phases(outcome, on_phase)
+    src, dst = outcome.source, outcome.output
+    source = os.path.abspath(src)
+    with phase("load"):
+        model, data_files = read_model_lazy(src)  # errors name the path as the user typed it
         protect = {os.path.realpath(source)} | data_files
         outcome.protected = frozenset(protect)
         if dst is not None:
-            check_output_path(os.fspath(dst), protect)  # before the work, not after it
-        with _spill_beside(dst) as spill:  # new weights wait on disk, not in memory
+            check_output_path(dst, protect)  # before the work, not after it
+        outcome.before = dict(bytes=_file_bytes([source, *data_files]), **op_counts(model))
+    with _spill_beside(dst) as spill:  # new weights wait on disk, not in memory
+        with phase("fold"):
             outcome.report = fold_model_proto(model, spill=spill)
-            if dst is not None:
-                options = dict(external=bool(data_files), check=check, seed=seed, shapes=shapes)
-                _write_and_check(model, source, os.fspath(dst), protect, outcome, **options)
-    except _Mismatch:
-        exc = CheckFailed("the folded model does not match the original; nothing written")
-        outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
-    except BnfoldError as exc:
-        outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
-    except UnicodeDecodeError:  # protobuf checks UTF-8 only when a string field is read
-        exc = InputError(f"{src}: not a valid ONNX model (a string field is not valid UTF-8)")
-        outcome.exit_code, outcome.error, outcome.exception = exc.exit_code, str(exc), exc
-    outcome.seconds = time.perf_counter() - start
-    if outcome.report is not None:
-        outcome.report.extra["total_seconds"] = round(outcome.seconds, 6)
-    return outcome
+            outcome.after = dict(bytes=None, **op_counts(model))
+        if dst is not None:
+            _write_and_check(model, source, protect, outcome, phase, external=bool(data_files),
+                             check=check, check_options=check_options)  # fmt: skip
+
+
+def op_counts(model: ModelProto) -> Dict:
+    """``{"nodes": N, "ops": {op_type: count}}`` over the model's graph and its subgraphs."""
+    counts: Counter = Counter()
+    stack: List[GraphProto] = [model.graph]
+    while stack:
+        graph = stack.pop()
+        for node in graph.node:
+            counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
+            for attr in node.attribute:
+                if attr.type == AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    return {"nodes": sum(counts.values()), "ops": dict(sorted(counts.items()))}
+
+
+def _file_bytes(paths: Iterable[str]) -> int:
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
 
 
 def _spill_beside(dst: Optional[str]):
@@ -109,59 +272,114 @@ def _spill_beside(dst: Optional[str]):
         raise OutputError(f"{folder}: cannot write ({exc.strerror or exc})") from None
 
 
-def _write_and_check(model, source: str, dst: str, protect, outcome, *, external, check, seed, shapes) -> None:
-    """Write ``model`` to ``dst`` through a staging folder; check it there before moving it in.
+def _write_and_check(model, source: str, protect, outcome, phase, *, external, check, check_options) -> None:
+    """Write ``model`` to the output through a staging folder; check it there before moving it in.
 
-    ``external``: write tensors to a data file beside ``dst`` (as the input had them); else
+    ``external``: write tensors to a data file beside the output (as the input had them); else
     only when the model exceeds the protobuf limit.
     """
     from .onnx_io import staged_output, write_model
 
+    dst = outcome.output
     with staged_output(dst, protect=protect) as staged:
-        write_model(model, staged, external=True if external else None)
+        with phase("write"):
+            write_model(model, staged, external=True if external else None)
+            outcome.after["bytes"] = _file_bytes([staged, staged + ".data"])
         if check:
-            labels = (outcome.source, dst)
-            outcome.verdict = _check(source, staged, seed, shapes or {}, labels)
-            outcome.report.extra["check"] = outcome.verdict.to_dict()
-            if not outcome.verdict:
+            with phase("check"):
+                verdict = _check(source, staged, (outcome.source, dst), check_options)
+            outcome.verdict = verdict.to_dict()
+            if not verdict:
                 raise _Mismatch()
+        _commit_point()
 
 
 class _Mismatch(Exception):
     """Raised inside the staging block so that nothing is moved into place."""
 
 
-def _check(original: str, folded: str, seed: int, shapes, labels):
+def _check(original: str, folded: str, labels, options: Dict):
     from .verify import check
 
-    return check(original, folded, seed=seed, shapes=shapes, labels=labels)
+    return check(original, folded, labels=labels, **options)
+
+
+def _fold_program(outcome: FoldOutcome, on_phase) -> None:
+    """A ``.pt2`` program: the torch front end loads, folds, checks on the program's example
+    inputs (when it carries some) and writes, in one call."""
+    try:
+        from .torch_pass import fold_program_file
+    except ImportError:
+        raise InputError(f"{outcome.source}: folding .pt2 programs needs PyTorch: pip install 'bnfold[torch]'") from None
+    if on_phase is not None:
+        on_phase("fold")
+    src, dst = outcome.source, outcome.output
+    outcome.before = {"bytes": _file_bytes([src]), "nodes": None, "ops": None}
+    outcome.protected = frozenset({os.path.realpath(src)})
+    try:
+        outcome.report = fold_program_file(src, dst)
+    except CheckFailed as exc:
+        outcome.verdict = _program_verdict(getattr(exc, "verdict", None), outcome)
+        raise
+    outcome.verdict = _program_verdict(outcome.report.extra.pop("check", None), outcome)
+    outcome.after = {"bytes": _file_bytes([dst]) if dst else None, "nodes": None, "ops": None}
+
+
+def _program_verdict(verdict, outcome: FoldOutcome) -> Optional[Dict]:
+    """The torch front end's check, labelled like an ONNX check (it runs the program itself,
+    on its example inputs, not onnxruntime)."""
+    if verdict is None:
+        return None
+    if not isinstance(verdict, dict):
+        verdict = verdict.to_dict()
+    if not verdict.get("models"):
+        verdict["models"] = {"original": outcome.source, "folded": outcome.output or "(not written)"}
+    if not verdict.get("runtime"):
+        verdict["runtime"] = {"engine": "torch.export ExportedProgram.module()", "inputs": "the program's example inputs"}
+    return verdict
 
 
 # ---------------------------------------------------------------- many models
 
 
-def collect_jobs(inputs: Sequence[str], out_dir: str) -> List[Tuple[str, str]]:
-    """Pair each input model with its output path under ``out_dir``.
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fold_many`: the models still running were stopped (their outputs
+    discarded), none was started after it. ``outcomes`` holds the models that finished."""
+
+    def __init__(self, outcomes: List[FoldOutcome], total: int) -> None:
+        super().__init__(f"interrupted after {len(outcomes)} of {total} model(s)")
+        self.outcomes, self.total = outcomes, total
+
+    @property
+    def written(self) -> List[str]:
+        return [o.written for o in self.outcomes if o.written]
+
+
+def collect_jobs(inputs: Sequence[str], out_dir: Optional[str]) -> List[Tuple[str, Optional[str]]]:
+    """Pair each input model with its output path under ``out_dir`` (None: a dry run).
 
     A file keeps its name; the models found under a directory (``*.onnx``, recursively)
     keep their path relative to it. Two inputs that would land on one output are refused.
     """
     jobs: List[Tuple[str, str]] = []
+    base = out_dir if out_dir is not None else ""
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(_onnx_files(item))
             if not found:
                 raise InputError(f"{item}: no .onnx files in this directory")
-            jobs.extend((path, os.path.join(out_dir, os.path.relpath(path, item))) for path in found)
+            jobs.extend((path, os.path.join(base, os.path.relpath(path, item))) for path in found)
         else:
-            jobs.append((item, os.path.join(out_dir, os.path.basename(item))))
+            jobs.append((item, os.path.join(base, os.path.basename(item))))
     seen: Dict[str, str] = {}
     for src, dst in jobs:
         key = os.path.abspath(dst)
         if key in seen:
+            if out_dir is None:
+                continue
             raise InputError(f"{seen[key]} and {src} would both be written to {dst}")
         seen[key] = src
-    return jobs
+    return [(src, dst if out_dir is not None else None) for src, dst in jobs]
 
 
 def _onnx_files(folder: str) -> Iterable[str]:
@@ -173,43 +391,140 @@ def _onnx_files(folder: str) -> Iterable[str]:
 
 
 def fold_many(
-    jobs: Sequence[Tuple[str, str]],
+    jobs: Sequence[Tuple[str, Optional[str]]],
     *,
     workers: int = 1,
     on_done: Optional[Callable[[FoldOutcome], None]] = None,
     **options,
 ) -> List[FoldOutcome]:
-    """Fold every ``(src, dst)`` pair, ``workers`` processes at a time; a bad model is
-    reported in its outcome and the others go on. Outcomes come back in job order.
+    """Fold every ``(src, dst)`` pair (``dst`` None: report only), ``workers`` processes at a
+    time; a bad model is reported in its outcome and the others go on. Outcomes come back in
+    job order; ``on_done`` sees each as it finishes.
+
+    Ctrl-C (SIGINT) stops the run promptly: models in flight are abandoned (nothing of them
+    is written, unless one was already moving its output into place, which then completes
+    and counts as done), no other model starts, and :class:`BatchInterrupted` carries the
+    outcomes of the models that finished.
     """
     results: Dict[int, FoldOutcome] = {}
 
     def finish(i: int, outcome: FoldOutcome) -> None:
+        if outcome.exit_code == EXIT_INTERRUPTED:
+            return
         results[i] = outcome
         if on_done is not None:
             on_done(outcome)
 
-    if workers <= 1 or len(jobs) <= 1:
-        for i, (src, dst) in enumerate(jobs):
-            finish(i, _job(src, dst, options))
-    else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    def stopped() -> BatchInterrupted:
+        return BatchInterrupted([results[i] for i in sorted(results)], len(jobs))
 
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_job, src, dst, options): i for i, (src, dst) in enumerate(jobs)}
-            for future in as_completed(futures):
-                finish(futures[future], future.result())
+    if workers <= 1 or len(jobs) <= 1:
+        _run_here(jobs, options, finish, stopped)
+    else:
+        _run_in_pool(jobs, workers, options, results, finish, stopped)
     return [results[i] for i in range(len(jobs))]
 
 
-def _job(src: str, dst: str, options) -> FoldOutcome:
-    """One model in a worker: a crash becomes that model's error, never the batch's."""
+class _Interrupt:
+    """SIGINT while a batch runs, in the process that runs the jobs (this one, or a worker).
+
+    The first SIGINT interrupts the running job (its cleanup removes its staged output),
+    except once the job has begun moving its output into place: then the job completes and
+    counts as done. Later SIGINTs only keep new jobs from starting, so they cannot cut a
+    cleanup short. ``requested`` is checked before each job.
+    """
+
+    def __init__(self) -> None:
+        self.requested = self.in_job = self.committing = False
+
+    def handler(self, signum, frame) -> None:
+        first = not self.requested
+        self.requested = True
+        if first and self.in_job and not self.committing:
+            raise KeyboardInterrupt
+
+
+_INTERRUPT = _Interrupt()
+
+
+def _commit_point() -> None:
+    """Called just before a job's output is moved into place (see :class:`_Interrupt`)."""
+    _INTERRUPT.committing = True
+
+
+def _run_here(jobs, options, finish, stopped) -> None:
+    import threading
+
+    global _INTERRUPT
+    _INTERRUPT = _Interrupt()
+    catch = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _INTERRUPT.handler) if catch else None
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        for i, (src, dst) in enumerate(jobs):
+            if _INTERRUPT.requested:
+                break
+            finish(i, _job(src, dst, options))
+    finally:
+        if catch:
+            signal.signal(signal.SIGINT, previous)
+    if _INTERRUPT.requested:
+        raise stopped()
+
+
+def _run_in_pool(jobs, workers: int, options, results, finish, stopped) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context()
+    stop = context.Event()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(stop,))
+    futures = {pool.submit(_job, src, dst, options): i for i, (src, dst) in enumerate(jobs)}
+    try:
+        for future in as_completed(futures):
+            finish(futures[future], future.result())
+    except KeyboardInterrupt:
+        stop.set()  # workers drop what they run (it cleans up after itself) and start nothing new
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            pass
+        for future, i in futures.items():  # finished while we were interrupted: written, so listed
+            if i not in results and future.done() and not future.cancelled() and future.exception() is None:
+                finish(i, future.result())
+        raise stopped() from None
+    pool.shutdown(wait=True)
+
+
+def _worker_init(stop) -> None:
+    """A worker hears Ctrl-C from the terminal (the whole process group gets SIGINT) or from
+    the parent, which sets ``stop``: both go through :class:`_Interrupt`."""
+    import threading
+
+    def forward() -> None:
+        stop.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGINT, _INTERRUPT.handler)
+    threading.Thread(target=forward, daemon=True).start()
+
+
+def _job(src: str, dst: Optional[str], options) -> FoldOutcome:
+    """One model: a crash becomes that model's error, never the batch's; an interrupt becomes
+    an "interrupted" outcome with nothing written."""
+    state = _INTERRUPT
+    if state.requested:
+        return FoldOutcome(src, dst, EXIT_INTERRUPTED, "interrupted")
+    state.in_job, state.committing = True, False
+    try:
+        if dst is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         outcome = fold_path(src, dst, **options)
+    except KeyboardInterrupt:
+        return FoldOutcome(src, dst, EXIT_INTERRUPTED, "interrupted")
     except Exception as exc:  # a bug on one model must not stop the others
         outcome = FoldOutcome(src, dst, EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc})")
-    outcome.verdict = None if outcome.verdict is None else outcome.verdict.to_dict()
+    finally:
+        state.in_job = False
     outcome.exception = None  # results cross a process boundary: keep them plain
     return outcome
 

@@ -51,8 +51,8 @@ def test_files_and_folders_fold_into_out_dir(tmp_path, inputs):
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.onnx"))
     assert written == ["a.onnx", "b.onnx", "resnet_mini.onnx", "sub/mlp.onnx"]  # paths below a folder kept
     data = json.loads(report.read_text())
-    assert data["summary"]["total"] == 4 and data["summary"]["failed"] == 0
-    assert all(m["status"] == "ok" and m["report"]["folded_count"] > 0 for m in data["models"])
+    assert data["summary"]["models"] == 4 and data["summary"]["failed"] == 0
+    assert all(m["status"] == "ok" and m["fold"]["folded_count"] > 0 for m in data["models"])
     assert_equivalent(onnx.load(str(loose[0])), onnx.load(str(out / "a.onnx")))
 
 

@@ -97,7 +97,7 @@ def test_dry_run_writes_nothing(model_file, tmp_path):
     before = listing(tmp_path)
     result = invoke(model_file, "-o", out, "--dry-run")
     assert result.exit_code == 0, result.stderr
-    assert "folded 2 of 3" in result.stdout
+    assert result.stdout.startswith("would fold 2 of 3") and "folded" not in result.stdout
     assert not out.exists()
     assert listing(tmp_path) == before
 
@@ -106,7 +106,7 @@ def test_json_report_parses(model_file, tmp_path):
     report_path = tmp_path / "report.json"
     result = invoke(model_file, "-o", tmp_path / "f.onnx", "--json", report_path)
     assert result.exit_code == 0, result.stderr
-    data = json.loads(report_path.read_text())
+    data = json.loads(report_path.read_text())["models"][0]["fold"]
     assert data["folded_count"] == 2 and data["skipped_count"] == 1
     assert {f["bn"] for f in data["folded"]} == {"bn1", "bn2"}
     assert {f["rule"] for f in data["folded"]} == {"conv-bn"}
@@ -118,7 +118,7 @@ def test_json_with_dry_run(model_file, tmp_path):
     report_path = tmp_path / "report.json"
     result = invoke(model_file, "--dry-run", "--json", report_path)
     assert result.exit_code == 0, result.stderr
-    assert json.loads(report_path.read_text())["folded_count"] == 2
+    assert json.loads(report_path.read_text())["models"][0]["fold"]["folded_count"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "report.json"]
 
 
@@ -280,7 +280,7 @@ def test_end_to_end_subprocess(model_file, tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "folded 2 of 3" in proc.stdout
-    assert json.loads(report_path.read_text())["folded_count"] == 2
+    assert json.loads(report_path.read_text())["models"][0]["fold"]["folded_count"] == 2
     assert_equivalent(small_model(), onnx.load(str(out)))
 
 

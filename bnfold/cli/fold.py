@@ -1,142 +1,177 @@
-"""``bnfold IN -o OUT``: fold a model file, check the result, print what happened."""
+"""``bnfold IN -o OUT``: fold a model file (or many), check the result, print what happened.
+
+All decisions (file types, checks, staging, exit codes) are in :mod:`bnfold.pipeline`; this
+module parses options and prints (:mod:`bnfold.cli.output`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 
 import click
 
-from ..errors import InputError
+from ..errors import EXIT_OK
+from . import output as out
 from ._common import fail, handles_errors
 
-# Files that can only be read by unpickling, which runs arbitrary code.
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
-PICKLE_REFUSAL = (
-    "{path}: refusing to load a pickled PyTorch file, since unpickling runs arbitrary code. "
-    "Fold the module in Python with bnfold.fold_module(model), or save it with "
-    "torch.export.save(torch.export.export(model, args), 'model.pt2') and pass the .pt2 file"
-)
+FOLD_HELP = """Fold every BatchNorm next to a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
+
+The folded model is run against the original with onnxruntime (graph optimizations
+disabled, seeded random inputs) before it is written; a mismatch writes nothing and
+exits 1. MODEL is an .onnx file or a .pt2 torch.export program; pickled PyTorch files
+(.pt, .pth, .ckpt, ...) are refused, since unpickling runs arbitrary code.
+
+Prints three lines: what was folded (and what was left, with a reason code), the
+check's verdict, and what was written with the time of each phase. --verbose adds
+every BatchNorm's fate, a before/after table of op counts and file size, and each
+output's error statistics.
+
+\b
+Examples:
+  bnfold model.onnx -o model.folded.onnx
+  bnfold model.onnx --dry-run --verbose             # what would fold, and why not
+  bnfold model.onnx -o f.onnx --json report.json    # machine-readable report
+  bnfold model.onnx -o f.onnx --shape input:1x3x224x224
+  bnfold a.onnx b.onnx models/ --out-dir folded/ -j 2
+  bnfold program.pt2 -o program.folded.pt2
+
+Exit codes: 0 ok, 1 check failed, 2 bad input or usage, 3 external data, 4 output not
+writable, 5 safety limit, 70 internal error, 130 interrupted.
+"""
 
 
-@click.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
-              help="Where to write the folded model (one input).")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=str),
-              help="Fold several models (files or folders of .onnx files) into this folder.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Models folded in parallel (processes), with --out-dir.")
-@click.option("--dry-run", is_flag=True, help="Report what would be folded; write nothing.")
-@click.option("-v", "--verbose", is_flag=True, help="List every BatchNorm with its producer and its fate.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the fold report (and the check verdict) as JSON to this file.")
+@click.command(help=FOLD_HELP, no_args_is_help=True)
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str), metavar="MODEL...")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), metavar="OUT",
+              help="Where to write the folded model (one MODEL). Replaced only if the run succeeds. "
+                   "Example: -o model.folded.onnx")  # fmt: skip
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=str), metavar="DIR",
+              help="Fold several models (files, or folders searched for *.onnx) into DIR, keeping their "
+                   "names. Example: --out-dir folded/")  # fmt: skip
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), default=1, show_default=True, metavar="N",
+              help="With --out-dir: fold N models at a time in worker processes. Example: -j 4")
+@click.option("--dry-run", is_flag=True,
+              help="Report what would be folded; write nothing (no -o needed). Example: --dry-run --verbose")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also list every BatchNorm and its fate, op counts and file size before/after, "
+                   "and each output's error statistics. Example: -v")  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+              metavar="FILE", help="Write the JSON report (schema in the README) to FILE; '-' for stdout "
+                                   "(the text summary then goes to stderr). Example: --json report.json")  # fmt: skip
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Run the folded model against the original with onnxruntime before keeping it.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the check's random inputs.")
+              help="Run the folded model against the original with onnxruntime before keeping it. "
+                   "Example: --no-check (skip it; then check later with `bnfold check`)")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, metavar="N",
+              help="Seed of the check's random inputs. Example: --seed 7")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Size dynamic input dims for the check, e.g. input:1x3x224x224 (repeatable).")
+              help="Size dynamic input dims for the check, by input name or dim name (repeatable). "
+                   "Example: --shape input:1x3x224x224 or --shape N:4")  # fmt: skip
+@click.pass_context
 @handles_errors
-def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
-    """Fold every BatchNorm that follows a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
-
-    The folded model is checked against the original with onnxruntime (graph optimizations
-    disabled, seeded random inputs) before it is written; a mismatch writes nothing and exits 1.
-
-    \b
-    bnfold model.onnx -o folded.onnx
-    bnfold a.onnx b.onnx models/ --out-dir folded/ -j 2
-    """
+def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
     shape_map = _parse_shapes(shapes)
-    if json_path:
+    explicit_jobs = ctx.get_parameter_source("jobs") == click.core.ParameterSource.COMMANDLINE
+    if json_path and json_path != "-":
         _check_json_target(json_path, list(models) + ([output] if output else []))
+    options = dict(check=check, seed=seed, shapes=shape_map)
     if out_dir is not None or len(models) > 1:
         if output:
-            raise click.UsageError("use --out-dir (not -o) with several models")
+            raise click.UsageError("-o names one output; with several models use --out-dir DIR")
         if not out_dir and not dry_run:
-            raise click.UsageError("give --out-dir DIR for several models (or --dry-run)")
-        _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed, shape_map)
+            raise click.UsageError("several models need --out-dir DIR (or --dry-run)")
+        _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options)
         return
-    model = models[0]
+    if explicit_jobs:
+        raise click.UsageError("-j folds several models at a time: use it with --out-dir, not -o")
     if not dry_run and not output:
-        raise click.UsageError("give -o OUT (or --dry-run to only report)")
-    if model.lower().endswith(PICKLE_SUFFIXES):
-        raise InputError(PICKLE_REFUSAL.format(path=model))
-    if model.lower().endswith(".pt2"):
-        _fold_program(model, output, dry_run, verbose, json_path)
-        return
-    from ..pipeline import fold_path
+        raise click.UsageError("give -o OUT for the folded model (or --dry-run to only report)")
+    _fold_one(models[0], None if dry_run else output, dry_run, verbose, json_path, options)
 
-    outcome = fold_path(model, None if dry_run else output, check=check, seed=seed, shapes=shape_map)
+
+def _fold_one(model, output, dry_run, verbose, json_path, options):
+    from ..pipeline import fold_path, run_report
+
+    err = json_path == "-"  # stdout carries the JSON: people read stderr
+    progress = out.PhaseProgress(model)
+    try:
+        outcome = fold_path(model, output, on_phase=progress, **options)
+    finally:
+        progress.clear()
     if outcome.report is not None:
-        _print_outcome(outcome, verbose, dry_run, check)
-    if json_path and outcome.report is not None:
-        _write_json(json_path, outcome.report.to_json(), outcome.protected)
+        out.echo(out.fold_line(outcome, dry_run), err=err)
+        if verbose:
+            for line in out.details(outcome, dry_run):
+                out.echo(line, err=err)
+        if outcome.ok or outcome.verdict is not None:
+            out.echo(out.check_line(outcome, options["check"], dry_run), err=err)
+        if verbose:
+            for line in out.check_details(outcome.verdict):
+                out.echo(line, err=err)
+        if outcome.ok:
+            out.echo(out.written_line(outcome, dry_run), err=err)
+    if json_path:
+        report = run_report([outcome], dry_run=dry_run, seconds=outcome.seconds)
+        _write_json(json_path, report, outcome.protected)
     if not outcome.ok:
         fail(outcome.error, outcome.exit_code)
 
 
-def _print_outcome(outcome, verbose, dry_run, check):
-    report = outcome.report
-    click.echo(report.summary(verbose=verbose))
-    if outcome.verdict is not None:
-        click.echo(_indent(outcome.verdict.summary()))
-    elif not dry_run and not check:
-        click.echo("  check: skipped (--no-check)")
-    if dry_run:
-        click.echo("  dry run: nothing written")
-    elif outcome.ok:
-        click.echo(f"  wrote {outcome.output} in {outcome.seconds:.2f} s")
+def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options):
+    from ..pipeline import BatchInterrupted, batch_exit_code, collect_jobs, fold_many, run_report
 
-
-def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
-    import json
-    import sys
-
-    from ..pipeline import batch_exit_code, collect_jobs, fold_many
-
-    pairs = collect_jobs(models, out_dir or ".")
-    if dry_run:
-        pairs = [(src, None) for src, _ in pairs]
-    lines = []
+    start = time.perf_counter()
+    pairs = collect_jobs(models, None if dry_run else out_dir)
+    err = json_path == "-"
+    progress = out.BatchProgress(pairs)
 
     def on_done(outcome):
-        lines.append(_batch_line(outcome))
-        if not bar_shown:
-            click.echo(lines[-1])
+        progress.finished(outcome)
+        progress.clear()
+        out.echo(out.batch_line(outcome, dry_run), err=err)
+        if verbose and outcome.report is not None:
+            for line in out.details(outcome, dry_run):
+                out.echo("  " + line, err=err)
+        progress.redraw()
 
-    bar_shown = sys.stderr.isatty() and len(pairs) > 1
-    options = dict(workers=jobs, check=check, seed=seed, shapes=shapes)
-    if bar_shown:
-        with click.progressbar(length=len(pairs), label="folding", file=sys.stderr) as bar:
-            outcomes = fold_many(pairs, on_done=lambda o: (on_done(o), bar.update(1)), **options)
-        click.echo("\n".join(lines))
+    try:
+        outcomes = fold_many(pairs, workers=jobs, on_done=on_done, **options)
+    except BatchInterrupted as stop:
+        progress.clear()
+        _report_interrupt(stop, err)
+    finally:
+        progress.clear()
+    seconds = time.perf_counter() - start
+    ok = [o for o in outcomes if o.ok]
+    failed = len(outcomes) - len(ok)
+    folded = sum(o.report.n_folded for o in ok)
+    left = sum(o.report.n_skipped for o in ok)
+    tail = f", {out.red(f'{failed} failed')}" if failed else ""
+    if dry_run:
+        counts = f"would fold {folded} BatchNorm(s), leave {left}"
     else:
-        outcomes = fold_many(pairs, on_done=on_done, **options)
-    failed = sum(not o.ok for o in outcomes)
-    folded = sum(o.report.n_folded for o in outcomes if o.report is not None)
-    click.echo(f"{len(outcomes) - failed} of {len(outcomes)} model(s) done, {failed} failed; {folded} BatchNorm(s) folded")
-    if verbose:
-        for o in outcomes:
-            if o.report is not None:
-                click.echo(f"{o.source}:\n" + _indent(o.report.summary(verbose=True)))
+        counts = f"{folded} BatchNorm(s) folded, {left} left"
+    out.echo(f"{len(ok)} of {len(outcomes)} model(s) ok{tail}; {counts}; {seconds:.2f} s", err=err)
     if json_path:
-        summary = {"models": [o.to_dict() for o in outcomes],
-                   "summary": {"total": len(outcomes), "failed": failed, "folded_bns": folded}}
         protected = frozenset().union(*(o.protected for o in outcomes), *(_model_paths(o) for o in outcomes))
-        _write_json(json_path, json.dumps(summary, indent=2), protected)
+        _write_json(json_path, run_report(outcomes, dry_run=dry_run, seconds=seconds), protected)
     code = batch_exit_code(outcomes)
-    if code:
+    if code != EXIT_OK:
         fail(f"{failed} of {len(outcomes)} model(s) failed", code)
 
 
-def _batch_line(outcome):
-    if outcome.ok:
-        r = outcome.report
-        total = r.n_folded + r.n_skipped
-        where = f" -> {outcome.output}" if outcome.output else ""
-        return f"ok    {outcome.source}{where}: folded {r.n_folded} of {total} in {outcome.seconds:.2f} s"
-    return f"FAIL  {outcome.source}: {outcome.error} [exit {outcome.exit_code}]"
+def _report_interrupt(stop, err):
+    """Ctrl-C: say what was written (those files are complete), then exit 130."""
+    from ..pipeline import EXIT_INTERRUPTED
+
+    written = stop.written
+    out.echo(f"interrupted after {len(stop.outcomes)} of {stop.total} model(s); "
+             f"{len(written)} output(s) written{':' if written else ''}", err=err)  # fmt: skip
+    for path in written:
+        out.echo(f"  {path}", err=err)
+    fail("interrupted; nothing else was written", EXIT_INTERRUPTED)
 
 
 def _parse_shapes(specs):
@@ -145,10 +180,6 @@ def _parse_shapes(specs):
     from ..verify import parse_shape  # one syntax for fold and check
 
     return dict(parse_shape(spec) for spec in specs)
-
-
-def _indent(text):
-    return "\n".join("  " + line for line in text.splitlines())
 
 
 def _check_json_target(json_path, models):
@@ -169,27 +200,15 @@ def _model_paths(outcome):
     return paths
 
 
-def _write_json(path, text, protect=frozenset()):
+def _write_json(path, report, protect=frozenset()):
+    """The JSON report to ``path`` (staged, replaced only when complete), or stdout for ``-``."""
+    text = json.dumps(report, indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     from ..onnx_io import staged_output
 
     with staged_output(path, protect=set(protect)) as staged:
         with open(staged, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-
-
-def _fold_program(model, output, dry_run, verbose, json_path):
-    try:
-        from ..torch_pass import fold_program_file
-    except ImportError:
-        raise InputError(
-            f"{model}: folding .pt2 programs needs PyTorch: pip install 'bnfold[torch]'"
-        ) from None
-    start = time.perf_counter()
-    report = fold_program_file(model, None if dry_run else output)
-    click.echo(report.summary(verbose=verbose))
-    if dry_run:
-        click.echo("  dry run: nothing written")
-    else:
-        click.echo(f"  wrote {output} in {time.perf_counter() - start:.2f} s")
-    if json_path:
-        _write_json(json_path, report.to_json(), {os.path.realpath(model)})
+            f.write(text)

@@ -1,0 +1,311 @@
+"""What `bnfold` prints and writes in everyday use (issue 15): three short lines by default,
+details with --verbose, colour only on a terminal, one-line usage errors, one JSON shape for
+one model and many, `--json -` on stdout, batch dry runs, pickles in a batch, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from bnfold.cli import main
+from bnfold.errors import EXIT_INPUT, EXIT_MISMATCH, EXIT_OK
+from onnx_models import GraphBuilder
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+BNFOLD = [sys.executable, "-c", "import sys; from bnfold.cli import main; sys.exit(main())"]
+
+
+def model(seed: int = 0, leave_one: bool = True) -> onnx.ModelProto:
+    """conv-bn (folds) and, with ``leave_one``, relu-bn (left: no-linear-producer)."""
+    g = GraphBuilder(seed=seed)
+    h = g.bn(g.conv(g.input("x", [1, 3, 6, 6]), "conv", 3, 4, (3, 3)), "bn", 4)
+    if leave_one:
+        h = g.bn(g.node("Relu", [h], "r", "relu").output[0], "bn_after_relu", 4)
+    g.output(h)
+    return g.model()
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Two good models and one bad file, in a folder of their own."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(model(0), str(folder / "a.onnx"))
+    (folder / "b.onnx").write_bytes(b"\x08\x07 not a model")
+    onnx.save(model(1), str(folder / "c.onnx"))
+    return [folder / "a.onnx", folder / "b.onnx", folder / "c.onnx"]
+
+
+def invoke(*args, env=None, color=False):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, color=color, catch_exceptions=False)
+
+
+def one_error_line(result, code: int) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), result.stderr
+    assert "Usage:" not in result.stderr and "Traceback" not in result.stderr
+    return lines[0]
+
+
+# -- the default summary and --verbose --------------------------------------------------------
+
+
+def test_default_summary_is_three_short_lines(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(model(), "m.onnx")
+    result = invoke("m.onnx", "-o", "f.onnx")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    assert all(len(line) < 100 for line in lines), lines
+    assert lines[0] == "folded 1 of 2 BatchNorm(s); left 1: no-linear-producer"
+    assert lines[1].startswith("check: PASS, 1 output(s) match")
+    assert lines[2].startswith("wrote f.onnx (")
+    for phase in ("load", "fold", "write", "check"):
+        assert f"{phase} " in lines[2]
+
+
+def test_verbose_adds_every_bn_the_before_after_table_and_check_statistics(tmp_path):
+    onnx.save(model(), str(tmp_path / "m.onnx"))
+    result = invoke(tmp_path / "m.onnx", "-o", tmp_path / "f.onnx", "--verbose")
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    assert "bn_after_relu" in text and "no-linear-producer" in text
+    table = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("  BatchNorm")}
+    assert table["BatchNormalization"][:2] == ["2", "1"]
+    assert "file size" in text and "max abs" in text and "rule:" in text
+
+
+def test_paths_are_printed_as_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(model(), "m.onnx")
+    os.mkdir("sub")
+    result = invoke("m.onnx", "-o", "sub/../f.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "wrote sub/../f.onnx (" in result.stdout and str(tmp_path) not in result.stdout
+
+
+def test_colour_on_a_terminal_only_and_never_with_no_color(tmp_path):
+    onnx.save(model(), str(tmp_path / "m.onnx"))
+    args = (tmp_path / "m.onnx", "-o", tmp_path / "f.onnx")
+    coloured = invoke(*args, color=True).stdout
+    assert "\x1b[32mPASS" in coloured and "\x1b[33m" in coloured  # green pass, yellow left
+    assert "\x1b[" not in invoke(*args).stdout  # not a terminal
+    assert "\x1b[" not in invoke(*args, color=True, env={"NO_COLOR": "1"}).stdout
+
+
+def test_dry_run_says_would_fold(tmp_path):
+    onnx.save(model(), str(tmp_path / "m.onnx"))
+    result = invoke(tmp_path / "m.onnx", "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("would fold 1 of 2") and "folded" not in result.stdout
+    assert "nothing written" in result.stdout
+
+
+def test_a_failed_check_prints_the_verdict_and_one_error_line(tmp_path, monkeypatch):
+    import numpy as np
+    from onnx import numpy_helper
+
+    import bnfold.onnx_pass as onnx_pass
+
+    onnx.save(model(), str(tmp_path / "m.onnx"))
+    real = onnx_pass.fold_model_proto
+
+    def broken(m, *args, **kwargs):
+        report = real(m, *args, **kwargs)
+        for t in m.graph.initializer:
+            if t.name == m.graph.node[0].input[1]:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.01), t.name))
+        return report
+
+    monkeypatch.setattr(onnx_pass, "fold_model_proto", broken)
+    result = invoke(tmp_path / "m.onnx", "-o", tmp_path / "f.onnx", "--json", tmp_path / "r.json")
+    assert "does not match" in one_error_line(result, EXIT_MISMATCH)
+    assert "check: FAIL, 1 of 1 output(s) differ" in result.stdout
+    entry = json.loads((tmp_path / "r.json").read_text())["models"][0]
+    assert entry["status"] == "mismatch" and entry["check"]["passed"] is False and entry["output"] is None
+    assert not (tmp_path / "f.onnx").exists()
+
+
+# -- usage errors: one line, exit 2 --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["{m}"],  # no -o
+        ["{m}", "-o", "{dir}"],  # -o names a folder
+        ["{m}", "-o", "{dir}/f.onnx", "-j", "2"],  # -j with -o
+        ["{m}", "{m}", "-o", "{dir}/f.onnx"],  # several models with -o
+        ["{m}", "--no-such-option"],
+        ["bench", "{m}", "--runs", "0"],
+        ["check", "{m}"],  # missing FOLDED
+    ],
+    ids=["missing-o", "o-is-folder", "j-with-o", "many-with-o", "unknown-option", "runs-0", "missing-arg"],
+)
+def test_usage_errors_are_one_line(tmp_path, args):
+    onnx.save(model(), str(tmp_path / "m.onnx"))
+    argv = [a.format(m=tmp_path / "m.onnx", dir=tmp_path) for a in args]
+    one_error_line(invoke(*argv), 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_usage_error_in_a_real_process_is_one_line():
+    proc = subprocess.run(BNFOLD + ["bench", "x.onnx", "--runs", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("bnfold: error: "), proc.stderr
+
+
+def test_help_explains_every_option_with_an_example():
+    import click
+
+    from bnfold.cli.fold import fold
+
+    for command in (main, fold):
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                assert param.help, f"{command.name}: {param.name} has no help"
+    text = invoke("fold", "--help").stdout
+    assert "Examples:" in text and "bnfold model.onnx -o model.folded.onnx" in text
+    for option in ("--output", "--out-dir", "--jobs", "--dry-run", "--verbose", "--json", "--no-check", "--seed", "--shape"):
+        assert option in text
+    assert "bnfold MODEL.onnx -o OUT.onnx" in invoke("--help").stdout
+
+
+# -- JSON: one documented shape; '-' is stdout ---------------------------------------------------
+
+
+def _assert_schema(doc, n_models: int):
+    assert doc["schema_version"] == 1 and isinstance(doc["bnfold_version"], str)
+    assert len(doc["models"]) == n_models and doc["summary"]["models"] == n_models
+    keys = {"input", "output", "format", "status", "exit_code", "error", "fold", "check", "before", "after", "seconds"}
+    for entry in doc["models"]:
+        assert set(entry) == keys
+
+
+def test_json_has_the_same_shape_for_one_model_and_many(tmp_path, three):
+    single = tmp_path / "single.json"
+    assert invoke(three[0], "-o", tmp_path / "f.onnx", "--json", single).exit_code == 0
+    doc = json.loads(single.read_text())
+    _assert_schema(doc, 1)
+    entry = doc["models"][0]
+    assert entry["status"] == "ok" and entry["check"]["passed"] and entry["fold"]["folded_count"] == 1
+    assert entry["before"]["ops"]["BatchNormalization"] == 2 and entry["after"]["ops"]["BatchNormalization"] == 1
+    assert entry["after"]["bytes"] == os.path.getsize(tmp_path / "f.onnx")
+    assert set(entry["seconds"]) == {"total", "load", "fold", "write", "check"}
+    batch = tmp_path / "batch.json"
+    invoke(*three, "--out-dir", tmp_path / "out", "--json", batch)
+    _assert_schema(json.loads(batch.read_text()), 3)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_json_dash_writes_to_stdout_and_the_summary_to_stderr(tmp_path, three, monkeypatch, batch):
+    monkeypatch.chdir(tmp_path)
+    args = [three[0], three[2], "--out-dir", "out"] if batch else [three[0], "-o", "f.onnx"]
+    result = invoke(*args, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    _assert_schema(json.loads(result.stdout), 2 if batch else 1)
+    assert "folded 1 of 2" in result.stderr
+    assert not (tmp_path / "-").exists()
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def test_batch_dry_run_reports_every_model_and_writes_nothing(tmp_path, three):
+    before = sorted(tmp_path.rglob("*"))
+    result = invoke(three[0], three[2], "--dry-run")
+    assert result.exit_code == EXIT_OK, (result.stdout, result.stderr)
+    assert result.stdout.count("would fold 1 of 2") == 2 and "internal error" not in result.stdout
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_pickle_in_a_batch_gets_the_pickle_refusal(tmp_path, three):
+    pickle = tmp_path / "models" / "weights.pt"
+    pickle.write_bytes(b"\x80\x04 never unpickled")
+    result = invoke(three[0], pickle, "--out-dir", tmp_path / "out")
+    assert result.exit_code == EXIT_INPUT
+    assert "weights.pt: refusing to load a pickled PyTorch file" in result.stdout
+    assert "not an ONNX model" not in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.onnx"]
+
+
+def test_batch_prints_one_line_per_model_then_a_total(tmp_path, three):
+    result = invoke(*three, "--out-dir", tmp_path / "out")
+    assert result.exit_code == EXIT_INPUT
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["ok", "FAIL", "ok"]
+    assert lines[1].endswith("[exit 2]") and str(three[1]) in lines[1]
+    assert lines[3].startswith("2 of 3 model(s) ok, 1 failed")
+    assert one_error_line(result, EXIT_INPUT) == "bnfold: error: 1 of 3 model(s) failed"
+
+
+def _interrupt(tmp_path, jobs: int, whole_group: bool):
+    """Start a batch of 16 models, wait for the first result, send SIGINT, collect the end."""
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    for i in range(16):
+        shutil.copy(SAMPLES / "resnet_mini.onnx", folder / f"m{i:02}.onnx")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(BNFOLD + [str(folder), "--out-dir", str(out), "-j", str(jobs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("ok "), first + proc.stderr.read()
+        sent = time.monotonic()
+        if whole_group:  # as a terminal does: the workers get it too
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, first + rest, err, out, stopped_after
+
+
+@pytest.mark.parametrize("jobs,whole_group", [(1, False), (2, True), (2, False)], ids=["j1", "j2-group", "j2-parent"])
+def test_ctrl_c_stops_the_batch_and_lists_what_was_written(tmp_path, jobs, whole_group):
+    code, stdout, stderr, out, _ = _interrupt(tmp_path, jobs, whole_group)
+    assert code == 130, (stdout, stderr)
+    assert stderr.strip().splitlines()[-1] == "bnfold: error: interrupted; nothing else was written", stderr
+    assert "Traceback" not in stderr
+    head, _, listing = stdout.partition("output(s) written:")
+    listed = {line.strip() for line in listing.splitlines() if line.strip()}
+    on_disk = {str(p) for p in out.rglob("*")}
+    assert listed == on_disk, (stdout, on_disk)  # everything written is listed; nothing half-written
+    assert 1 <= len(listed) < 16, stdout  # it stopped: the rest was never folded
+    assert "interrupted after" in head
+
+
+# -- .pt2 ---------------------------------------------------------------------------------------
+
+
+def test_pt2_prints_the_check_verdict_and_fills_the_json_check_block(tmp_path):
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), str(tmp_path / "m.pt2"))
+    result = invoke(tmp_path / "m.pt2", "-o", tmp_path / "f.pt2", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "folded 1 of 1 BatchNorm(s)" and lines[1].startswith("check: PASS, 1 output(s) match")
+    entry = json.loads((tmp_path / "r.json").read_text())["models"][0]
+    assert entry["format"] == "pt2" and entry["check"]["passed"] is True
+    assert entry["check"]["models"] == {"original": str(tmp_path / "m.pt2"), "folded": str(tmp_path / "f.pt2")}
+    assert entry["check"]["outputs"] and entry["check"]["runtime"]
