@@ -121,3 +121,50 @@ def test_torch_export_writes_deduplicated_initializers_as_identity():
     dedup = {n.output[0] for n in m.graph.node if n.op_type == "Identity" and n.input[0] in inits}
     readers = {n.op_type for n in m.graph.node for i in n.input[1:] if i in dedup}
     assert {"Conv", "Gemm", "BatchNormalization"} <= readers
+
+
+@pytest.mark.parametrize("name", sorted(IDIOMS))
+def test_removable_drops_exactly_the_constant_subgraphs_nothing_reads(name):
+    """Emulate the engine: every parameter a fold reads becomes a new initializer holding the
+    resolved value; what ``removable`` then proposes is removed. The model must stay valid and
+    compute the same, and no evaluated op may be left that nothing reads."""
+    from collections import Counter
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model(name))
+    g = m.graph
+    res = ConstantResolver(g, ir_version=m.ir_version, opset=m.opset_import[0].version)
+    released = set()
+    for node in g.node:
+        if node.op_type not in _PARAMS:
+            continue
+        for i in range(len(node.input))[_PARAMS[node.op_type]]:
+            old = node.input[i]
+            if old and res.subgraph(old):
+                new = f"{old}_resolved"
+                if new not in {t.name for t in g.initializer}:
+                    g.initializer.append(onnx.numpy_helper.from_array(np.array(res.value(old)), new))
+                    if m.ir_version < 4:
+                        g.input.append(helper.make_tensor_value_info(new, g.initializer[-1].data_type, list(res.value(old).shape)))
+                node.input[i] = new
+                released.add(old)
+    reads = Counter(i for n in g.node for i in set(n.input))
+    gone = res.removable(released, lambda v: reads[v])
+    drop = {id(n) for n in gone.nodes}
+    kept = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(kept)
+    inits = [t for t in g.initializer if t.name not in gone.initializers]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name not in gone.initializers]
+    del g.input[:]
+    g.input.extend(inputs)
+    onnx.checker.check_model(m, full_check=True)
+    assert_equivalent(model(name), m, tol=_TOL.get(name))
+    after = Counter(i for n in g.node for i in n.input) + Counter(o.name for o in g.output)
+    for n in g.node:  # nothing evaluated survives unread
+        if res.subgraph(n.output[0]) if n.output and res.is_constant(n.output[0]) else False:
+            assert any(after[o] for o in n.output), n.name
+    if released:
+        assert gone.nodes

@@ -245,7 +245,7 @@ class ConstantResolver:
     def value(self, name: str, what: str = "value") -> np.ndarray:
         """The value of ``name``; raises :class:`Refusal` (``what 'name' ...``) when it is not a constant.
 
-        The array returned is shared with the cache: do not write to it.
+        The array is shared with the cache, so it is read-only: copy it to change it.
         """
         try:
             return self._resolve(name)
@@ -352,7 +352,7 @@ class ConstantResolver:
         except _Fail as fail:
             self._failed[name] = fail
             raise
-        self._values[name] = value
+        self._values[name] = _frozen(value)
         return value
 
     def _compute(self, name: str) -> np.ndarray:
@@ -384,7 +384,7 @@ class ConstantResolver:
                 dep = self._producer.get(inp)
                 if dep is None:
                     try:
-                        self._values[inp] = self._leaf(inp)
+                        self._values[inp] = _frozen(self._leaf(inp))
                     except _Fail as fail:
                         self._failed[inp] = fail
                         raise _Fail(fail.reason, _through(node, inp, fail)) from None
@@ -423,7 +423,7 @@ class ConstantResolver:
                     self._budget[0] -= v.size
                     if self._budget[0] < 0:
                         raise _Fail(TOO_LARGE, _at(node, "exceeds the resolver's budget of evaluated elements"))
-                self._values[o] = v
+                self._values[o] = _frozen(v)
         if name not in self._values:
             raise _Fail(UNSUPPORTED_OP, f"is an output of {_node_label(root)} that is not evaluated")
         if evaluated:
@@ -443,6 +443,11 @@ class ConstantResolver:
             raise _Fail(UNSUPPORTED_OP, f"is computed by {_node_label(node)}, which is not evaluated at fold time")
         if node.op_type not in _OPS and not self.limits.reference_fallback:
             raise _Fail(UNSUPPORTED_OP, f"is computed by {_node_label(node)}, which is not evaluated at fold time")
+
+
+def _frozen(value: np.ndarray) -> np.ndarray:
+    value.flags.writeable = False  # cached and shared by every caller
+    return value
 
 
 def _through(node, inp: str, fail: _Fail) -> str:
