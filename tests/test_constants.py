@@ -479,6 +479,7 @@ def test_stats_and_subgraph_listing():
     res.value("y")  # cached: not counted again
     assert (res.stats.subgraphs, res.stats.nodes, res.stats.elements) == (1, 2, 6)
     assert res.stats.evaluated[0].name == "y"
+    assert not res.value("y").flags.writeable and not res.value("z").flags.writeable  # the cache is shared
 
 
 def test_removable_leaves_what_others_still_read():

@@ -352,7 +352,7 @@ class ConstantResolver:
         except _Fail as fail:
             self._failed[name] = fail
             raise
-        self._values[name] = _frozen(value)
+        value = self._values[name] = _frozen(value)
         return value
 
     def _compute(self, name: str) -> np.ndarray:
@@ -445,7 +445,9 @@ class ConstantResolver:
             raise _Fail(UNSUPPORTED_OP, f"is computed by {_node_label(node)}, which is not evaluated at fold time")
 
 
-def _frozen(value: np.ndarray) -> np.ndarray:
+def _frozen(value) -> np.ndarray:
+    if not isinstance(value, np.ndarray):  # a numpy scalar (np.take with a 0-D index gives one)
+        value = np.asarray(value)
     value.flags.writeable = False  # cached and shared by every caller
     return value
 
