@@ -476,6 +476,8 @@ def test_stats_and_subgraph_listing():
     g = graph_of(nodes, {"w": np.ones((2, 3), f32), "s": I64(-1)}, outputs=("y", "z"))
     res = ConstantResolver(g)
     assert [n.op_type for n in res.subgraph("y")] == ["Transpose", "Reshape"]
+    assert [n.op_type for n in res.subgraph("t")] == ["Transpose"]  # computed along the way
+    assert res.subgraph("w") == []
     res.value("y")  # cached: not counted again
     assert (res.stats.subgraphs, res.stats.nodes, res.stats.elements) == (1, 2, 6)
     assert res.stats.evaluated[0].name == "y"

@@ -238,7 +238,6 @@ class ConstantResolver:
         self._producer = producers
         self._values: Dict[str, np.ndarray] = {}
         self._failed: Dict[str, _Fail] = {}
-        self._nodes_behind: Dict[str, Tuple[object, ...]] = {}
 
     # ----------------------------------------------------------------- the public questions
 
@@ -268,9 +267,30 @@ class ConstantResolver:
         return None
 
     def subgraph(self, name: str) -> List[object]:
-        """The ops evaluated to compute ``name`` (dependencies first); empty for a plain constant."""
+        """The ops of this graph evaluated to compute ``name`` (dependencies first; Constant
+        nodes and outer-scope values excluded); empty for a plain constant. Raises
+        :class:`Refusal` when ``name`` is not a constant."""
         self.value(name)
-        return list(self._nodes_behind.get(name, ()))
+        order: List[object] = []
+        done: Set[int] = set()
+        stack: List[Tuple[object, bool]] = []
+        node = self._producer.get(name)
+        if node is not None:
+            stack.append((node, False))
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in done or node.op_type == "Constant":
+                continue
+            done.add(id(node))
+            stack.append((node, True))
+            for inp in node.input:
+                dep = self._producer.get(inp) if inp else None
+                if dep is not None and id(dep) not in done:
+                    stack.append((dep, False))
+        return order
 
     def define(self, name: str, value: np.ndarray) -> None:
         """Record a constant the caller added (a folded weight's new initializer)."""
@@ -280,7 +300,6 @@ class ConstantResolver:
     def forget(self, name: str) -> None:
         """Drop a cached value (to free memory once a fold has used it)."""
         self._values.pop(name, None)
-        self._nodes_behind.pop(name, None)
 
     def removable(self, released: Iterable[str], readers: Callable[[str], int], keep: Set[str] = frozenset()) -> Removal:
         """The constant-subgraph nodes and initializers of this graph that nothing reads any more.
@@ -427,7 +446,6 @@ class ConstantResolver:
         if name not in self._values:
             raise _Fail(UNSUPPORTED_OP, f"is an output of {_node_label(root)} that is not evaluated")
         if evaluated:
-            self._nodes_behind[name] = tuple(evaluated)
             self.stats.subgraphs += 1
             self.stats.elements += elements
             self.stats.evaluated.append(EvaluatedSubgraph(name, len(evaluated), elements))
