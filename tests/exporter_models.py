@@ -13,6 +13,7 @@ the node sequences those converters emit, with seeded weights; nothing is downlo
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Callable, Dict
 
 import numpy as np
@@ -114,17 +115,23 @@ def torch_dedup_biases() -> onnx.ModelProto:
 
     module = VGGish().eval()
     f = io.BytesIO()
-    torch.onnx.export(
-        module, (torch.randn(1, 3, 8, 8),), f, dynamo=False, opset_version=17,
-        training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-        input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; it is what wrote these files
+        warnings.simplefilter("ignore")
+        _export(torch, module, f)
     model = onnx.load_from_string(f.getvalue())
     inits = {t.name for t in model.graph.initializer}
     dedup = {n.output[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
     read = {i for n in model.graph.node if n.op_type in ("Conv", "Gemm", "BatchNormalization") for i in n.input[1:]}
     assert dedup & read, "torch.onnx no longer writes deduplicated initializers as Identity"
     return model
+
+
+def _export(torch, module, f) -> None:
+    torch.onnx.export(
+        module, (torch.randn(1, 3, 8, 8),), f, dynamo=False, opset_version=17,
+        training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+        input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+    )
 
 
 # ------------------------------------------------------------------------- tf2onnx
