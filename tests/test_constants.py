@@ -26,6 +26,7 @@ from bnfold.onnx_pass.constants import (
     NOT_CONSTANT,
     OVERRIDABLE,
     TOO_LARGE,
+    UNREADABLE,
     UNSUPPORTED_OP,
     ConstantResolver,
     Limits,
@@ -433,6 +434,20 @@ def test_out_of_range_float_to_int_cast_is_refused(nodes, inits):
     with pytest.raises(Refusal) as info:
         resolve(nodes, inits)
     assert info.value.reason == INVALID
+
+
+def test_unreadable_tensors_are_refused():
+    bad_type = numpy_helper.from_array(W4, "w")
+    bad_type.data_type = 73
+    short = numpy_helper.from_array(W4, "v")
+    short.raw_data = b"abc"
+    external = TensorProto(name="e", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    external.external_data.add(key="location", value="weights.bin")
+    few = TensorProto(name="f", data_type=TensorProto.FLOAT, dims=[2], float_data=[1.0])
+    g = helper.make_graph([N("Identity", [n], [n + "y"]) for n in "wvef"], "g", [], [], [bad_type, short, external, few])
+    res = ConstantResolver(g)
+    for n in "wvef":
+        assert res.refusal(n + "y").reason == UNREADABLE, n
 
 
 def test_strings_are_refused():

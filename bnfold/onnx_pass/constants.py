@@ -484,7 +484,7 @@ def _read(tensor) -> np.ndarray:
     try:
         return tensor_array(tensor)
     except (BnfoldError, ValueError, TypeError, KeyError) as exc:
-        raise _Fail(UNREADABLE, f"cannot be read: {exc}") from None
+        raise _Fail(UNREADABLE, f"cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _densify(sparse) -> np.ndarray:
