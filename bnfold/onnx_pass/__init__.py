@@ -24,6 +24,7 @@ from typing import Dict, Tuple, Union
 from onnx import GraphProto, ModelProto, NodeProto
 
 from ..affine import Refusal
+from ..onnx_validate import validate_model
 from ..report import FoldReport
 from .before import fold_bn_before
 from .bn import is_batchnorm
@@ -92,6 +93,7 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
     scratch file instead of memory; the file-to-file pipeline uses it to bound peak memory.
     """
     start = time.perf_counter()
+    validate_model(model)  # malformed graphs are refused before any rule runs
     report = FoldReport(method="onnx-graph")
     shapes = _lazy_shapes(model)
     ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), shapes, spill)
