@@ -11,6 +11,7 @@ Only what the ONNX IR forbids is refused, so every model onnxruntime would accep
   inputs of the node that holds it);
 - a value produced twice in one graph (SSA), or produced by a node and also a graph input or
   initializer of that graph; two initializers of one name;
+- standard-domain nodes in a model that imports no valid default-domain opset;
 - a standard-domain node with fewer or more inputs or outputs than its schema allows (at the
   model's opset), a required input or output left empty, an attribute without a type or of
   another type than the schema's;
@@ -45,6 +46,8 @@ _VARIADIC = defs.OpSchema.FormalParameterOption.Variadic
 def validate_model(model: ModelProto) -> None:
     """Raise :class:`InputError` with one line when ``model`` is structurally invalid."""
     try:
+        for message in (model, model.graph, *model.opset_import, *model.metadata_props):
+            _check_strings(message)
         _Validator(_default_opset(model)).graph(model.graph, "main graph")
     except UnicodeDecodeError:  # depending on the protobuf build, a bad string may raise when read
         raise InputError("invalid model: a name is not valid UTF-8") from None
@@ -107,14 +110,18 @@ _ATTRIBUTE_OPS = frozenset({
 
 class _Validator:
     def __init__(self, opset: Optional[int]) -> None:
+        self.declared = opset
         self.opset = opset if opset is not None and opset > 0 else None
         self.facts: Dict[str, object] = {}  # op -> _schema_facts at this opset
 
     def schema(self, op: str):
+        if self.opset is None:  # a standard op, but no (valid) version of the standard ops
+            what = "imports no opset" if self.declared is None else f"imports opset {self.declared}"
+            _fail("model", f"it uses standard ops such as {op} but {what} for the default domain")
         try:
             return self.facts[op]
         except KeyError:
-            facts = self.facts[op] = _schema_facts(op, self.opset) if self.opset is not None else None
+            facts = self.facts[op] = _schema_facts(op, self.opset)
             return facts
 
     # ------------------------------------------------------------------ one graph
@@ -279,6 +286,14 @@ class _Validator:
             self.value_type(tp.optional_type.elem_type, name, where, what)
         elif kind == "map_type":
             self.value_type(tp.map_type.value_type, name, where, what)
+
+
+def _check_strings(message) -> None:
+    """The message's own (not repeated) string fields: copies of the model set them again,
+    which fails on one protobuf handed back as bytes."""
+    for field, value in message.ListFields():
+        if isinstance(value, bytes) and field.type == field.TYPE_STRING:
+            _fail("model", f"its {field.name} is not valid UTF-8")
 
 
 def _check_text(where: str, *groups) -> None:
