@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List
 from onnx import GraphProto, ModelProto, NodeProto
 
 from ..affine import Refusal
+from ..onnx_validate import validate_model
 from ..report import AFFINE_FOLDED, AFFINE_SKIPPED, FoldReport
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .ops import is_linear
@@ -35,6 +36,7 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
     scratch file instead of memory; the file-to-file pipeline uses it to bound peak memory.
     """
     start = time.perf_counter()
+    validate_model(model)  # malformed graphs are refused before any rule runs
     report = FoldReport(method="onnx-graph")
     ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), _lazy_shapes(model), spill)
     _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=ctx.opset), ctx, "")
