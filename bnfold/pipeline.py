@@ -109,7 +109,7 @@ class FoldOutcome:
             "fold": fold,
             "check": self.verdict,
             "before": self.before,
-            "after": self.after if self.written else None,
+            "after": self.after if self.ok else None,
             "seconds": seconds,
         }
 

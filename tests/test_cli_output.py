@@ -248,7 +248,7 @@ def test_batch_prints_one_line_per_model_then_a_total(tmp_path, three):
     assert [line.split()[0] for line in lines[:3]] == ["ok", "FAIL", "ok"]
     assert lines[1].endswith("[exit 2]") and str(three[1]) in lines[1]
     assert lines[3].startswith("2 of 3 model(s) ok, 1 failed")
-    assert one_error_line(result, EXIT_INPUT) == "bnfold: error: 1 of 3 model(s) failed"
+    assert one_error_line(result, EXIT_INPUT) == f"bnfold: error: 1 of 3 model(s) failed: {three[1]}"
 
 
 def _interrupt(tmp_path, jobs: int, whole_group: bool):

@@ -159,7 +159,9 @@ def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options):
         _write_json(json_path, run_report(outcomes, dry_run=dry_run, seconds=seconds), protected)
     code = batch_exit_code(outcomes)
     if code != EXIT_OK:
-        fail(f"{failed} of {len(outcomes)} model(s) failed", code)
+        names = [o.source for o in outcomes if not o.ok]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        fail(f"{failed} of {len(outcomes)} model(s) failed: {listed}", code)
 
 
 def _report_interrupt(stop, err):
