@@ -96,3 +96,13 @@ def test_fold_file_raises_check_failed_on_a_mismatch(tmp_path, monkeypatch):
     with pytest.raises(CheckFailed):
         bnfold.fold_file(tmp_path / "m.onnx", tmp_path / "f.onnx")
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_fold_path_passes_check_options_to_the_check(tmp_path):
+    from bnfold.pipeline import fold_path
+
+    _conv_bn(tmp_path / "m.onnx")
+    outcome = fold_path(str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx"), check_options={"batches": 3}, seed=5)
+    assert outcome.ok, outcome.error
+    assert outcome.verdict["inputs"]["batches"] == 3 and outcome.verdict["inputs"]["seed"] == 5
+    assert list(outcome.times) == ["load", "fold", "write", "check"]
