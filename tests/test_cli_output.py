@@ -309,3 +309,35 @@ def test_pt2_prints_the_check_verdict_and_fills_the_json_check_block(tmp_path):
     assert entry["format"] == "pt2" and entry["check"]["passed"] is True
     assert entry["check"]["models"] == {"original": str(tmp_path / "m.pt2"), "folded": str(tmp_path / "f.pt2")}
     assert entry["check"]["outputs"] and entry["check"]["runtime"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_an_output_error_not_a_bug(tmp_path, three):
+    (tmp_path / "a_file").write_text("x")
+    result = invoke(three[0], three[2], "--out-dir", tmp_path / "a_file" / "out")
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert "internal error" not in result.stdout and "cannot create the output folder" in result.stdout
+
+
+def test_readme_ci_installs_from_a_checkout_or_a_wheel_and_the_wheel_builds(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    ci = readme[readme.index("## Use in CI"):]
+    ci = ci[: ci.index("\n## ", 1)]
+    assert "pip install bnfold" not in ci
+    assert "pip install ./bnfold-src" in ci and "pip wheel --no-deps -w dist ./bnfold-src" in ci
+    root, src = Path(__file__).resolve().parent.parent, tmp_path / "src"  # a copy: building writes beside it
+    shutil.copytree(root / "bnfold", src / "bnfold", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip("no setuptools/wheel in this environment")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("bnfold-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bnfold/cli/__init__.py" in names and "bnfold/pipeline.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "bnfold = bnfold.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -133,7 +133,7 @@ def table(before: Optional[Dict], after: Optional[Dict], dry_run: bool) -> List[
     size_after = "-" if dry_run else human_bytes(after.get("bytes"))
     rows.append(("file size", human_bytes(before.get("bytes")), size_after))
     width = max(len(r[0]) for r in rows + [("op", "", "")])
-    out = [f"  {'':{width}}  {'before':>10}  {'after':>10}"]
+    out = [f"  {'op':{width}}  {'before':>10}  {'after':>10}"]
     for name, b, a in rows:
         mark = "" if b == a else "  *"
         out.append(f"  {name:{width}}  {b:>10}  {a:>10}{mark}")
