@@ -12,7 +12,7 @@ Public API (imports are lazy, so ``import bnfold`` pulls in neither onnxruntime 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "__version__",

@@ -120,7 +120,7 @@ SCHEMA_VERSION = 1  # of the JSON report of `bnfold MODEL... --json`; raised on 
 def run_report(outcomes: Sequence[FoldOutcome], *, dry_run: bool = False, seconds: float = 0.0) -> Dict:
     """The JSON report of a run, one model or many alike: ``models`` lists one entry per model
     (:meth:`FoldOutcome.to_dict`) and ``summary`` adds them up. Schema: README, "JSON report"."""
-    from . import __version__
+    from ._version import __version__
 
     ok = [o for o in outcomes if o.ok]
     return {

@@ -16,7 +16,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnfold.onnx_pass import fold_file, fold_onnx
+from bnfold.onnx_pass import fold_onnx
+from bnfold.pipeline import fold_file
 from onnx_models import (
     BFLOAT16,
     GraphBuilder,

@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto
 
 from bnfold.onnx_io import load_model, read_model_lazy, save_model, write_streaming
-from bnfold.onnx_pass import fold_file, fold_onnx
+from bnfold.onnx_pass import fold_onnx
+from bnfold.pipeline import fold_file
 from bnfold.onnx_wire import LAZY_MIN_BYTES, is_stub
 from onnx_models import GraphBuilder, assert_equivalent
 

@@ -264,7 +264,7 @@ def test_fold_matches_original_or_refuses(built: Built) -> None:
 
 def test_property_catches_a_wrong_fold(monkeypatch) -> None:
     """Sabotage the fold math (one channel's scale off by 1 %): the property must notice."""
-    import bnfold.onnx_pass.conv as conv_rule
+    import bnfold.onnx_pass.ops.conv as conv_rule
     from hypothesis import find
 
     real = conv_rule.fold_after

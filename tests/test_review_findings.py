@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.cli import main
 from bnfold.errors import EXIT_OK
-from bnfold.onnx_pass import fold_file, fold_onnx
+from bnfold.onnx_pass import fold_onnx
+from bnfold.pipeline import fold_file
 from onnx_models import assert_equivalent
 
 RNG = np.random.default_rng(7)

@@ -1,50 +1,28 @@
-"""Rule: a linear op (Conv, ConvTranspose, Gemm, MatMul) followed by a chain of per-channel
-affine ops -- BatchNormalization, Mul/Add/Sub/Div by a constant -- possibly with inference
-no-ops (Identity, Dropout) and channel-keeping layout ops (Transpose, Reshape, Squeeze,
-Unsqueeze, Flatten) between them. The whole chain folds into the linear op.
+"""Chains of per-channel affine ops: BatchNormalization and Mul/Add/Sub/Div by a constant,
+with inference no-ops (Identity, Dropout) and, where allowed, channel-keeping layout ops
+(Transpose, Reshape, Squeeze, Unsqueeze, Flatten) between them. :func:`walk` follows one from
+sole reader to sole reader, tracking where the channel axis is; :func:`compose` makes the
+chain one map; :func:`rewire` removes its folded nodes. Used by the rules that fold a chain
+into the op before it (:mod:`.rules.after_linear`, :mod:`.rules.bn_merge`).
 
-Pattern: follow the linear op's output from sole consumer to sole consumer. Check: each
-affine op is per channel on the axis where the channels are at that point (tracked through
-layout ops). Rewrite: scale the weights, drop the affine ops and no-ops; keep the layout ops,
-except Transposes that together are the identity permutation.
-
-Each node is looked at once per chain, and each chain starts at one linear op: linear in the
-graph's size.
+Each node is looked at once per chain: linear in the graph's size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from onnx import NodeProto
 
 from ..affine import Refusal
-from .affine_ops import constant_operand, per_channel, report_affine_folded, report_affine_skipped
-from .bn import is_batchnorm, read_bn
-from .consts import drop_dead_subgraph
-from .conv import conv_output_axis, fold_into_conv
-from .gemm import fold_into_gemm, fold_into_matmul, gemm_output_axis, matmul_output_axis
 from .graph import node_label
-from .affine_ops import AFFINE_OPS
 from .layout import LAYOUT_OPS, NOOP_OPS, Axis, is_layout, is_noop, map_layout, transpose_perm
+from .ops.batchnorm import is_batchnorm, read_bn
+from .ops.elementwise import ELEMENTWISE_OPS, constant_operand, per_channel
 from .rewrite import GraphRewrite
-
-
-@dataclass
-class Linear:
-    kind: str  # the prefix of the rule names: conv, convtranspose, gemm, matmul
-    output_axis: Callable
-    fold: Callable
-
-
-LINEAR: Dict[str, Linear] = {
-    "Conv": Linear("conv", conv_output_axis, fold_into_conv),
-    "ConvTranspose": Linear("convtranspose", conv_output_axis, fold_into_conv),
-    "Gemm": Linear("gemm", gemm_output_axis, fold_into_gemm),
-    "MatMul": Linear("matmul", matmul_output_axis, fold_into_matmul),
-}
+from .rules import Outcome
 
 
 @dataclass
@@ -59,19 +37,14 @@ class Step:
     after_layout: bool = False  # a layout op lies between the linear op and this step
 
 
-PASSABLE = NOOP_OPS | LAYOUT_OPS | AFFINE_OPS
-Refusals = Dict[int, Refusal]  # id() of a BN -> why a linear op before it could not take it
-
-
-def is_linear(node: NodeProto) -> bool:
-    return node.op_type in LINEAR and node.domain in ("", "ai.onnx") and bool(node.output)
+PASSABLE = NOOP_OPS | LAYOUT_OPS | ELEMENTWISE_OPS
 
 
 def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Optional[Refusal]]:
     """The sole reader of ``value``, or None and (when there are readers) why it is not alone."""
-    if value in rw.index.outputs:
+    if rw.is_graph_output(value):
         return None, Refusal("producer-output-is-graph-output", f"'{value}' is a graph output")
-    users = rw.index.consumers.get(value, [])
+    users = rw.consumers(value)
     if not users:
         return None, None
     if len(users) > 1:
@@ -80,95 +53,47 @@ def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Option
     node = users[0]
     if list(node.input).count(value) != 1:
         return None, Refusal("producer-has-other-consumers", f"'{value}' is read twice by {node_label(node)}")
-    if id(node) in rw.removed:
+    if rw.is_removed(node):
         return None, None
     return node, None
 
 
-def fold_chain_after(rw: GraphRewrite, linear: NodeProto, handled: set, refusals: Refusals) -> None:
-    """Fold the affine chain after ``linear``; record why BNs on it were refused in ``refusals``."""
-    spec = LINEAR[linear.op_type]
-    try:
-        axis, channels = spec.output_axis(rw, linear)
-    except Refusal as why:
-        for user in rw.index.consumers.get(linear.output[0], []):
-            for bn in [user] if is_batchnorm(user) else _bns_ahead(rw, user):
-                refusals.setdefault(id(bn), why)
-        return
-    steps, stopped = walk(rw, linear.output[0], axis, channels, refusals, allow_layout=True)
-    if stopped is not None:
-        node, why = stopped
-        report_affine_skipped(rw, node, linear, why)
-    prefix = _foldable_prefix(steps)
-    if not prefix:
-        return
-    a, b = compose(prefix, channels)
-    drop_layout = _transposes_cancel(rw, prefix)
-    n_bn = sum(s.kind == "bn" for s in prefix)
-    removed = sum(s.kind != "layout" or drop_layout for s in prefix)
-    if spec.kind == "matmul" and n_bn == 0 and removed - bool(np.any(b != 0)) <= 0:
-        return  # MatMul -> Add(bias) alone is already as small as it gets
-    try:
-        bias = spec.fold(rw, linear, a, b)
-    except Refusal as why:
-        for s in prefix:
-            if s.kind == "bn":
-                refusals[id(s.node)] = why
-            elif s.kind == "affine":
-                report_affine_skipped(rw, s.node, linear, why)
-        return
-    head = linear
-    if bias is not None:  # a MatMul's folded bias goes into an Add right after it
-        base = linear.name or linear.input[1]
-        head = rw.add_after(linear, rw.add_initializer(f"{base}_bnfold_bias", bias), base)
-    rewire(rw, head, prefix, drop_layout)
-    _report(rw, linear, spec.kind, prefix, handled)
-
-
 def walk(
-    rw: GraphRewrite, value: str, axis: Axis, channels: int, refusals: Refusals, allow_layout: bool
-) -> Tuple[List[Step], Optional[Tuple[NodeProto, Refusal]]]:
+    rw: GraphRewrite, value: str, axis: Axis, channels: int, allow_layout: bool
+) -> Tuple[List[Step], List[Outcome], Optional[Tuple[NodeProto, Refusal]]]:
     """The chain after ``value``: every step up to the first node that is not part of one.
 
-    Returns the steps and, when the chain ended at an affine op that was refused, that op and
-    why. A refused BN goes into ``refusals`` instead.
+    Returns the steps, the BNs the chain cannot take (with why), and, when the chain ended at
+    an affine op that was refused, that op and why.
     """
     steps: List[Step] = []
     seen_layout = False
     while True:
         node, why = next_link(rw, value)
         if node is None:
-            if why is not None:
-                for user in rw.index.consumers.get(value, []):
-                    ahead = [user] if is_batchnorm(user) else _bns_ahead(rw, user)
-                    for bn in ahead:
-                        refusals.setdefault(id(bn), why)
-            return steps, None
+            return steps, (bns_reached(rw, value, why) if why is not None else []), None
         if is_batchnorm(node):
             try:
                 step = _bn_step(rw, node, value, axis, channels)
             except Refusal as why:
-                refusals[id(node)] = why
-                return steps, None
+                return steps, [Outcome(node, refusal=why)], None
         elif is_noop(rw, node) and node.input[0] == value:
             step = Step(node, "noop")
         elif allow_layout and is_layout(node) and node.input[0] == value:
             try:
                 axis = map_layout(rw, node, axis, channels)
             except Refusal as why:
-                for bn in _bns_ahead(rw, node):
-                    refusals.setdefault(id(bn), why)
-                return steps, None
+                return steps, [Outcome(bn, refusal=why, seen=False) for bn in _bns_ahead(rw, node)], None
             step = Step(node, "layout")
             seen_layout = True
         else:
             operand = constant_operand(rw, node, value)
             if operand is None:
-                return steps, None
+                return steps, [], None
             try:
                 a, b = per_channel(node, operand[0], operand[1], axis, channels)
             except Refusal as why:
-                return steps, (node, why)
+                return steps, [], (node, why)
             step = Step(node, "affine", a, b, const=node.input[operand[0]])
         step.after_layout = seen_layout
         steps.append(step)
@@ -177,7 +102,7 @@ def walk(
 
 
 def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: int) -> Step:
-    affine = read_bn(bn, rw.scope)
+    affine = read_bn(rw, bn)
     if bn.input[0] != value:
         raise Refusal("not-constant", f"'{value}' is a parameter of the BN, not its input")
     axis = _known_rank(rw, axis, value)
@@ -193,13 +118,22 @@ def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: 
     return Step(bn, "bn", affine.a, affine.b)
 
 
+def bns_reached(rw: GraphRewrite, value: str, why: Refusal) -> List[Outcome]:
+    """The BNs that the readers of ``value`` lead to, each left with ``why`` (not seen)."""
+    left = []
+    for user in rw.consumers(value):
+        for bn in [user] if is_batchnorm(user) else _bns_ahead(rw, user):
+            left.append(Outcome(bn, refusal=why, seen=False))
+    return left
+
+
 def _bns_ahead(rw: GraphRewrite, node: NodeProto, limit: int = 16) -> List[NodeProto]:
     """The BN reached from ``node`` through ops a chain may hold (no-ops, layout and affine
     ops), each the sole reader of the one before: the BN a refusal at ``node`` concerns."""
     for _ in range(limit):
         if node.op_type not in PASSABLE or not node.output:
             return []
-        users = rw.index.consumers.get(node.output[0], [])
+        users = rw.consumers(node.output[0])
         if len(users) != 1:
             return []
         node = users[0]
@@ -208,7 +142,7 @@ def _bns_ahead(rw: GraphRewrite, node: NodeProto, limit: int = 16) -> List[NodeP
     return []
 
 
-def _foldable_prefix(steps: List[Step]) -> List[Step]:
+def foldable_prefix(steps: List[Step]) -> List[Step]:
     last = max((i for i, s in enumerate(steps) if s.kind in ("affine", "bn")), default=-1)
     return steps[: last + 1]
 
@@ -222,7 +156,7 @@ def compose(steps: List[Step], channels: int) -> Tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _transposes_cancel(rw: GraphRewrite, steps: List[Step]) -> bool:
+def transposes_cancel(rw: GraphRewrite, steps: List[Step]) -> bool:
     """True when the chain's layout ops are all Transposes that compose to the identity."""
     layout = [s.node for s in steps if s.kind == "layout"]
     if not layout or any(n.op_type != "Transpose" for n in layout):
@@ -246,54 +180,23 @@ def rewire(rw: GraphRewrite, head: NodeProto, steps: List[Step], drop_layout: bo
     for s in steps:
         if s.kind == "layout" and not drop_layout:
             if pending is not None:
-                _bridge(rw, live_node, live_value, pending)
+                rw.rename_output(live_node, live_value, pending)
             live_node, live_value, pending = s.node, s.node.output[0], None
             continue
         rw.drop_node(s.node)
-        rw.gone_values.update(o for o in s.node.output[1:] if o)
+        rw.forget(s.node.output[1:])
         if pending is not None:
-            rw.gone_values.add(pending)
+            rw.forget([pending])
         pending = s.node.output[0]
         if s.kind == "bn":
-            rw.orphans.extend(n for n in s.node.input[1:] if n)
+            rw.orphan(s.node.input[1:])
         elif s.kind == "affine":
-            drop_dead_subgraph(rw, s.const)
+            rw.drop_dead_constant(s.const)
     if pending is not None:
-        _bridge(rw, live_node, live_value, pending)
-
-
-def _bridge(rw: GraphRewrite, node: NodeProto, old: str, new: str) -> None:
-    rw.index.rename_output(node, old, new)
-    rw.gone_values.add(old)
-    rw.gone_values.discard(new)
-
-
-def _report(rw: GraphRewrite, linear: NodeProto, kind: str, steps: List[Step], handled: set) -> None:
-    """One entry per BN, and one per run of Mul/Add/Sub/Div (named by its first node).
-
-    A MatMul's leading Add is its bias, not an affine op folded away: not reported."""
-    in_run = False
-    bias_add = kind == "matmul"
-    for s in steps:
-        if s.kind == "noop":
-            continue
-        layout = "layout-" if s.after_layout else ""
-        if s.kind == "bn":
-            handled.add(id(s.node))
-            rw.report.add_folded(rw.label(s.node), rw.label(linear), linear.op_type, f"{kind}-{layout}bn", rw.path)
-            in_run = bias_add = False
-        elif s.kind == "affine":
-            if bias_add and s.node.op_type == "Add" and not s.after_layout:
-                bias_add = False
-                continue
-            if not in_run:
-                report_affine_folded(rw, s.node, linear, f"{kind}-{layout}affine")
-            in_run = True
-            bias_add = False
-        else:
-            bias_add = False
+        rw.rename_output(live_node, live_value, pending)
 
 
 def _known_rank(rw: GraphRewrite, axis: Axis, value: str) -> Axis:
     """``axis`` with its rank filled in; shapes are looked up only when it is still unknown."""
     return axis if axis.rank is not None else axis.with_rank(rw.rank(value))
+

@@ -8,33 +8,38 @@ is "computed at run time".
 
 from __future__ import annotations
 
-from typing import List
+from typing import TYPE_CHECKING, Dict, List
 
 import numpy as np
 from onnx import NodeProto, helper
 
 from ..affine import Refusal
 from .graph import attr
-from .rewrite import GraphRewrite
+
+if TYPE_CHECKING:
+    from .rewrite import GraphRewrite
 
 CONST_OPS = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
 MAX_DEPTH = 8  # longest constant chain followed
 MAX_ELEMENTS = 1 << 20  # larger constants are not worth evaluating for a per-channel fold
 
 
-def constant_value(rw: GraphRewrite, name: str, what: str, depth: int = 0) -> np.ndarray:
-    """The value of ``name``: a constant, or a short chain of :data:`CONST_OPS` over constants.
+def constant_value(
+    rw: "GraphRewrite", name: str, what: str, cache: Dict[str, np.ndarray], depth: int = 0
+) -> np.ndarray:
+    """The value of ``name``: a constant, or a short chain of :data:`CONST_OPS` over constants
+    (values kept in ``cache``). Used by :meth:`GraphRewrite.constant` only.
 
     Raises :class:`Refusal` when it is neither (a graph input, a run-time value, a chain too
     long or too large).
     """
-    if name in rw.const_cache:
-        return rw.const_cache[name]
-    producer = rw.index.producer.get(name)
+    if name in cache:
+        return cache[name]
+    producer = rw.producer(name)
     if producer is None or producer.op_type == "Constant":
         value = rw.scope.array(name, what)
     elif producer.op_type in CONST_OPS and producer.domain in ("", "ai.onnx") and depth < MAX_DEPTH:
-        args = [constant_value(rw, i, what, depth + 1) if i else None for i in producer.input]
+        args = [constant_value(rw, i, what, cache, depth + 1) if i else None for i in producer.input]
         try:
             value = _evaluate(rw, producer, args)
         except (ValueError, TypeError, KeyError, IndexError) as exc:  # a malformed model
@@ -43,11 +48,11 @@ def constant_value(rw: GraphRewrite, name: str, what: str, depth: int = 0) -> np
         raise Refusal("not-constant", f"{what} '{name}' is computed at run time by {producer.op_type}")
     if value.size > MAX_ELEMENTS:
         raise Refusal("not-constant", f"{what} '{name}' has {value.size} elements, too many to fold")
-    rw.const_cache[name] = value
+    cache[name] = value
     return value
 
 
-def _evaluate(rw: GraphRewrite, node: NodeProto, args: List) -> np.ndarray:
+def _evaluate(rw: "GraphRewrite", node: NodeProto, args: List) -> np.ndarray:
     x = args[0]
     op = node.op_type
     if op == "Identity":
@@ -74,33 +79,8 @@ def _evaluate(rw: GraphRewrite, node: NodeProto, args: List) -> np.ndarray:
     return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
 
 
-def _axes(rw: GraphRewrite, node: NodeProto, args: List):
+def _axes(rw: "GraphRewrite", node: NodeProto, args: List):
     if len(args) > 1 and args[1] is not None:
         return [int(a) for a in args[1]]
     axes = attr(node, "axes", None)
     return None if axes is None else [int(a) for a in axes]
-
-
-def drop_dead_subgraph(rw: GraphRewrite, name: str) -> None:
-    """Remove the constant-subgraph nodes behind ``name`` that nothing reads any more.
-
-    The initializer or Constant node at the root becomes an orphan candidate: the final
-    sweep removes it if nothing else reads it.
-    """
-    producer = rw.index.producer.get(name)
-    while (
-        producer is not None
-        and producer.op_type in CONST_OPS
-        and id(producer) not in rw.removed
-        and not rw.index.consumers.get(name)
-        and name not in rw.index.outputs
-    ):
-        rw.drop_node(producer)
-        rw.gone_values.add(name)
-        name = producer.input[0] if producer.input else ""
-        for extra in producer.input[1:]:
-            if extra and not rw.index.consumers.get(extra):
-                rw.orphans.append(extra)  # a Reshape target or Unsqueeze axes: ours alone
-        producer = rw.index.producer.get(name)
-    if name:
-        rw.orphans.append(name)

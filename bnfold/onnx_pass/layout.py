@@ -52,13 +52,13 @@ def is_noop(rw: GraphRewrite, node: NodeProto) -> bool:
     if node.op_type == "Identity":
         return True
     mask = node.output[1] if len(node.output) > 1 else ""
-    if mask and (rw.index.consumers.get(mask) or mask in rw.index.outputs):
+    if mask and (rw.consumers(mask) or rw.is_graph_output(mask)):
         return False
     if rw.opset < 7 and not attr(node, "is_test", 0):
         return False  # Dropout-1/6 trains unless is_test=1
     if len(node.input) > 2 and node.input[2]:
         try:
-            training = rw.scope.array(node.input[2], "Dropout training_mode")
+            training = rw.constant(node.input[2], "Dropout training_mode")
         except Refusal:
             return False
         return not bool(np.any(training))
@@ -124,7 +124,7 @@ def _through_axes(rw: GraphRewrite, node: NodeProto, axis: Axis) -> Optional[Axi
     axes = attr(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
         try:
-            axes = rw.scope.array(node.input[1], "axes").tolist()
+            axes = rw.constant(node.input[1], "axes").tolist()
         except Refusal:
             return None
     if axes is None or axis.rank is None or axis.pos is None:

@@ -1,17 +1,19 @@
-"""The edits a rule may make to one graph. Rules compute everything first and only then call
-these, so a refused fold leaves the graph untouched.
+"""One graph being folded: what rules may read of it (constants, shapes, producers and
+consumers) and the only edits they may make. Rules compute everything first and only then
+call the edits, so a refused fold leaves the graph untouched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Set
 
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
 from ..report import FoldReport
-from .graph import GraphIndex, Names, Scope, node_label
+from .consts import CONST_OPS, constant_value
+from .graph import GraphIndex, Names, Scope, float_dtype, node_label
 
 if TYPE_CHECKING:
     from .shapes import ShapeTable
@@ -24,7 +26,7 @@ class FoldContext:
     names: Names
     report: FoldReport
     opset: int
-    shapes: Callable[[], "ShapeTable"]  # inferred on first call (see onnx_pass.shapes)
+    shape_table: Callable[[], "ShapeTable"]  # inferred on first call (see onnx_pass.shapes)
     spill: Optional[object] = None  # a bnfold.onnx_wire.Spill, or None to keep tensors in memory
     orphans: List[str] = field(default_factory=list)
 
@@ -46,16 +48,45 @@ class GraphRewrite:
         # labels now, as the user's model has them.
         self._labels = {id(n): node_label(n) for n in graph.node if not n.name}
         self.names = ctx.names
-        self.report = ctx.report
         self.path = path
         self.opset = ctx.opset
-        self._shapes = ctx.shapes
+        self._shape_table = ctx.shape_table
         self._spill = ctx.spill
         self.inserted: Dict[int, List[NodeProto]] = {}  # id() of node -> nodes to place after it
-        self.const_cache: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
+        self._computed: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
         self.removed: Set[int] = set()  # id() of nodes to drop
         self.orphans: List[str] = []  # values that may now be unused
         self.gone_values: Set[str] = set()  # values that no longer exist
+
+    # ------------------------------------------------------------------ reading
+
+    def constant(self, name: str, what: str, through_ops: bool = False, float_only: bool = False) -> np.ndarray:
+        """The value of ``name`` when it is a constant, else :class:`Refusal` saying why.
+
+        Every constant a rule reads comes through here. An initializer that a graph input can
+        override is not a constant. ``through_ops`` also evaluates a short chain of shape-only
+        ops over constants (:mod:`.consts`); otherwise only initializers and Constant nodes
+        count. ``float_only`` refuses (before reading any data) an element type that bnfold
+        does not fold.
+        """
+        if through_ops:
+            return constant_value(self, name, what, self._computed)
+        if float_only:
+            float_dtype(self.scope.tensor(name, what), what)
+        return self.scope.array(name, what)
+
+    def producer(self, name: str) -> Optional[NodeProto]:
+        return self.index.producer.get(name)
+
+    def consumers(self, name: str) -> List[NodeProto]:
+        """The nodes reading ``name`` now (do not modify the list)."""
+        return self.index.consumers.get(name, [])
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.index.outputs
+
+    def is_removed(self, node: NodeProto) -> bool:
+        return id(node) in self.removed
 
     def label(self, node: NodeProto) -> str:
         """The node's name for reports, as it was before any rewrite of this graph."""
@@ -63,7 +94,7 @@ class GraphRewrite:
 
     def shape(self, name: str) -> Optional[tuple]:
         """The inferred shape of ``name`` (dimensions None where unknown), or None."""
-        return self._shapes().get(name)
+        return self._shape_table().get(name)
 
     def rank(self, name: str) -> Optional[int]:
         shape = self.shape(name)
@@ -131,6 +162,48 @@ class GraphRewrite:
         add = helper.make_node("Add", [fresh, bias], [out], name=self.names.fresh(f"{base}_bnfold_add"))
         self.insert_after(node, add)
         return add
+
+    def replace_input(self, node: NodeProto, old: str, new: str) -> None:
+        """Make ``node`` read ``new`` wherever it read ``old``."""
+        self.index.replace_input(node, old, new)
+
+    def rename_output(self, node: NodeProto, old: str, new: str) -> None:
+        """Make ``node`` write ``new`` instead of ``old``; ``old`` no longer exists."""
+        self.index.rename_output(node, old, new)
+        self.gone_values.add(old)
+        self.gone_values.discard(new)
+
+    def orphan(self, names: Iterable[str]) -> None:
+        """Mark values that may now be unused; the final sweep removes unused constants among them."""
+        self.orphans.extend(n for n in names if n)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Values that no longer exist (their value_info goes at commit)."""
+        self.gone_values.update(n for n in names if n)
+
+    def drop_dead_constant(self, name: str) -> None:
+        """Remove the constant-subgraph nodes behind ``name`` that nothing reads any more.
+
+        The initializer or Constant node at the root becomes an orphan candidate: the final
+        sweep removes it if nothing else reads it.
+        """
+        producer = self.producer(name)
+        while (
+            producer is not None
+            and producer.op_type in CONST_OPS
+            and not self.is_removed(producer)
+            and not self.consumers(name)
+            and not self.is_graph_output(name)
+        ):
+            self.drop_node(producer)
+            self.gone_values.add(name)
+            name = producer.input[0] if producer.input else ""
+            for extra in producer.input[1:]:
+                if extra and not self.consumers(extra):
+                    self.orphans.append(extra)  # a Reshape target or Unsqueeze axes: ours alone
+            producer = self.producer(name)
+        if name:
+            self.orphans.append(name)
 
     def commit(self) -> None:
         """Apply node removals and insertions, keeping the order of what remains."""

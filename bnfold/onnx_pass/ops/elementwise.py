@@ -1,4 +1,10 @@
-"""Mul, Add, Sub and Div with a constant, read as a per-channel affine map ``y = a * x + b``.
+"""Mul, Add, Sub and Div with a constant operand, read as a per-channel affine map
+``y = a * x + b``.
+
+These ops absorb nothing themselves: each *is* an affine map, which the linear op next to it
+absorbs (``LinearOp.after`` / ``LinearOp.before``) and a BN merges (``batchnorm.merge``).
+:func:`per_channel` reads one on any channel axis, so the same reading serves a map after a
+linear op (its output channels) and before one.
 
 The constant must broadcast *per channel*: right-aligned against the data's rank, every axis
 but the channel axis has size 1, and the constant adds no axes. A 1-D ``[C]`` constant on a
@@ -12,41 +18,24 @@ from typing import Optional, Tuple
 import numpy as np
 from onnx import NodeProto
 
-from ..affine import Refusal
-from ..report import AFFINE_FOLDED, AFFINE_SKIPPED
-from .consts import constant_value
-from .graph import node_label
-from .layout import Axis
-from .rewrite import GraphRewrite
+from ...affine import Refusal
+from ..graph import node_label
+from ..layout import Axis
+from ..rewrite import GraphRewrite
 
-AFFINE_OPS = {"Mul", "Add", "Sub", "Div"}
-
-
-
-def report_affine_folded(rw: GraphRewrite, node: NodeProto, into: NodeProto, rule: str) -> None:
-    """Record a folded run of affine ops, named by its first node."""
-    entry = {"node": rw.label(node), "op": node.op_type, "into": rw.label(into), "into_op": into.op_type,
-             "rule": rule, "graph": rw.path}
-    rw.report.extra.setdefault(AFFINE_FOLDED, []).append(entry)
-
-
-def report_affine_skipped(rw: GraphRewrite, node: NodeProto, after: NodeProto, why: Refusal) -> None:
-    """Record an affine op right after a linear op that could not be folded, and why."""
-    entry = {"node": rw.label(node), "op": node.op_type, "after": rw.label(after), "after_op": after.op_type,
-             "reason": why.reason, "detail": why.detail, "graph": rw.path}
-    rw.report.extra.setdefault(AFFINE_SKIPPED, []).append(entry)
+ELEMENTWISE_OPS = {"Mul", "Add", "Sub", "Div"}
 
 
 def constant_operand(rw: GraphRewrite, node: NodeProto, data: str) -> Optional[Tuple[int, np.ndarray]]:
     """``(position, value)`` of the constant operand when ``node`` is ``data`` op constant;
     None when ``node`` is no such op (then it is no fold candidate at all)."""
-    if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if node.op_type not in ELEMENTWISE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
     if list(node.input).count(data) != 1:
         return None
     pos = 1 - list(node.input).index(data)
     try:
-        return pos, constant_value(rw, node.input[pos], f"{node.op_type} operand")
+        return pos, rw.constant(node.input[pos], f"{node.op_type} operand", through_ops=True)
     except Refusal:
         return None
 

@@ -1,0 +1,61 @@
+"""Rules: a BN followed by more per-channel affine ops -- another BN, Mul/Add/Sub/Div by a
+constant, with Identity/Dropout between -- merged into the first BN.
+
+Pattern: the chain after an inference-mode BN with constant parameters, from sole reader to
+sole reader (:func:`..chain.walk`, no layout ops). Check: each op is per channel on axis 1;
+the merged scale and shift fit the BN's dtype (``BNAffine.after``). Rewrite: the first BN gets
+the new scale and shift (mean, variance and epsilon stay); the others go.
+
+Runs for BNs that no linear op before them took; a BN that cannot merge is left to the next
+rule, so this rule reports only what it folded.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from onnx import NodeProto
+
+from ...affine import Refusal
+from ..chain import compose, foldable_prefix, rewire, walk
+from ..layout import Axis
+from ..ops.batchnorm import read_bn
+from ..rewrite import GraphRewrite
+from . import Outcome
+
+RULES: Dict[str, str] = {
+    "bn-bn": "BN -> BN merged into the first BN",
+    "bn-affine": "BN -> Mul/Add/Sub/Div merged into the BN",
+}
+
+
+def merge_into_bn(rw: GraphRewrite, bn: NodeProto) -> List[Outcome]:
+    """Merge the affine ops after ``bn`` into it; an outcome for each BN and run merged."""
+    try:
+        first = read_bn(rw, bn)
+    except Refusal:
+        return []
+    rank = rw.rank(bn.input[0]) or rw.rank(bn.output[0])
+    axis = Axis.known(rank, 1) if rank and rank >= 2 else Axis(None, 1, None, 2)
+    steps, _, _ = walk(rw, bn.output[0], axis, first.channels, allow_layout=False)
+    steps = foldable_prefix(steps)
+    if not steps:
+        return []
+    a, c = compose(steps, first.channels)
+    try:
+        edit = first.after(rw, a, c)
+    except Refusal:
+        return []
+    edit()
+    rewire(rw, bn, steps)
+    out: List[Outcome] = []
+    in_run = False
+    for s in steps:
+        if s.kind == "bn":
+            out.append(Outcome(s.node, "bn-bn", [bn]))
+            in_run = False
+        elif s.kind == "affine":
+            if not in_run:
+                out.append(Outcome(s.node, "bn-affine", [bn]))
+            in_run = True
+    return out
