@@ -13,9 +13,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
-
-from onnx import AttributeProto, GraphProto, ModelProto
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, BnfoldError, CheckFailed, InputError, OutputError
 from .report import FoldReport
@@ -34,6 +32,13 @@ EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 PHASES = ("load", "fold", "write", "check")
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
+
+# AttributeProto.GRAPH and .GRAPHS: numbers fixed by onnx.proto, so that counting ops needs no
+# `import onnx` (the fold path reads models with or without onnx's classes).
+_ATTR_GRAPH, _ATTR_GRAPHS = 5, 10
 
 
 def model_format(path: PathLike) -> str:
@@ -246,15 +251,15 @@ def _fold_onnx(outcome: FoldOutcome, check: bool, check_options: Dict, on_phase)
 def op_counts(model: ModelProto) -> Dict:
     """``{"nodes": N, "ops": {op_type: count}}`` over the model's graph and its subgraphs."""
     counts: Counter = Counter()
-    stack: List[GraphProto] = [model.graph]
+    stack = [model.graph]
     while stack:
         graph = stack.pop()
         for node in graph.node:
             counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
             for attr in node.attribute:
-                if attr.type == AttributeProto.GRAPH:
+                if attr.type == _ATTR_GRAPH:
                     stack.append(attr.g)
-                elif attr.type == AttributeProto.GRAPHS:
+                elif attr.type == _ATTR_GRAPHS:
                     stack.extend(attr.graphs)
     return {"nodes": sum(counts.values()), "ops": dict(sorted(counts.items()))}
 
