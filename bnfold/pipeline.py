@@ -177,7 +177,8 @@ def fold_path(
     The output goes to a staging folder beside ``dst`` and is moved into place only when
     writing and the equivalence check both succeed. Expected failures come back in the
     outcome (``exit_code``, ``error``); bugs and KeyboardInterrupt propagate (nothing is left
-    behind). ``check_options`` are passed on to :func:`bnfold.verify.check`; ``on_phase`` is
+    behind). ``check_options`` are passed on to :func:`bnfold.verify.check` (they win over
+    ``seed`` and ``shapes``); ``on_phase`` is
     called with each phase name of :data:`PHASES` as it starts.
     """
     start = time.perf_counter()
@@ -187,7 +188,7 @@ def fold_path(
         if outcome.format == "pt2":
             _fold_program(outcome, on_phase)
         else:
-            options = dict(check_options or {}, seed=seed, shapes=dict(shapes or {}))
+            options = dict(dict(seed=seed, shapes=dict(shapes or {})), **(check_options or {}))
             _fold_onnx(outcome, check, options, on_phase or (lambda phase: None))
     except _Mismatch:
         _fail(outcome, CheckFailed("the folded model does not match the original; nothing written"))

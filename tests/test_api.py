@@ -102,7 +102,7 @@ def test_fold_path_passes_check_options_to_the_check(tmp_path):
     from bnfold.pipeline import fold_path
 
     _conv_bn(tmp_path / "m.onnx")
-    outcome = fold_path(str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx"), check_options={"batches": 3}, seed=5)
+    outcome = fold_path(str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx"), check_options={"batches": 3, "seed": 5}, seed=1)
     assert outcome.ok, outcome.error
     assert outcome.verdict["inputs"]["batches"] == 3 and outcome.verdict["inputs"]["seed"] == 5
     assert list(outcome.times) == ["load", "fold", "write", "check"]
