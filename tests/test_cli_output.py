@@ -341,3 +341,41 @@ def test_readme_ci_installs_from_a_checkout_or_a_wheel_and_the_wheel_builds(tmp_
     assert "bnfold/cli/__init__.py" in names and "bnfold/pipeline.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "bnfold = bnfold.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def _stderr_on_a_terminal(args, cwd):
+    """Run bnfold with stderr on a pseudo-terminal (stdout piped); return (code, stdout, stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ)
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(BNFOLD + [str(a) for a in args], stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    stdout = proc.stdout.read().decode()
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_batch_bar_and_single_phases(tmp_path, three):
+    a, c = "models/a.onnx", "models/c.onnx"
+    code, stdout, stderr = _stderr_on_a_terminal([a, c, "--out-dir", "out"], tmp_path)
+    assert code == 0, stderr
+    assert f"0/2  {a}" in stderr and f"1/2  {c}" in stderr  # from the start, then on
+    assert stderr.endswith("\r\x1b[K")  # the bar is gone at the end
+    assert stdout.count("ok ") == 2 and "\x1b[" not in stdout  # piped stdout stays plain
+    code, stdout, stderr = _stderr_on_a_terminal([a, "-o", "f.onnx"], tmp_path)
+    assert code == 0, stderr
+    for label in ("loading", "folding", "writing", "checking"):
+        assert f"{label} {a} (" in stderr
+    assert stdout.splitlines()[0] == "folded 1 of 2 BatchNorm(s); left 1: no-linear-producer"
