@@ -71,12 +71,14 @@ writable, 5 safety limit, 70 internal error, 130 interrupted.
                    "Example: --shape input:1x3x224x224 or --shape N:4")  # fmt: skip
 @click.pass_context
 @handles_errors
-def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
+def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes, check_options=None):
+    """``check_options``: more keyword arguments for :func:`bnfold.verify.check` (tolerances,
+    batches, ...), for a decorator that adds the check's options to this command."""
     shape_map = _parse_shapes(shapes)
     explicit_jobs = ctx.get_parameter_source("jobs") == click.core.ParameterSource.COMMANDLINE
     if json_path and json_path != "-":
         _check_json_target(json_path, list(models) + ([output] if output else []))
-    options = dict(check=check, seed=seed, shapes=shape_map)
+    options = dict(check=check, seed=seed, shapes=shape_map, check_options=dict(check_options or {}))
     if out_dir is not None or len(models) > 1:
         if output:
             raise click.UsageError("-o names one output; with several models use --out-dir DIR")
@@ -159,7 +161,9 @@ def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options):
         _write_json(json_path, run_report(outcomes, dry_run=dry_run, seconds=seconds), protected)
     code = batch_exit_code(outcomes)
     if code != EXIT_OK:
-        fail(f"{failed} of {len(outcomes)} model(s) failed", code)
+        names = [o.source for o in outcomes if not o.ok]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        fail(f"{failed} of {len(outcomes)} model(s) failed: {listed}", code)
 
 
 def _report_interrupt(stop, err):
