@@ -53,9 +53,9 @@ def __getattr__(name):
 
         return verify.check
     if name == "bench":
-        from . import bench as _bench
+        from . import latency
 
-        return _bench.bench
+        return latency.bench
     if name == "FoldReport":
         from .report import FoldReport
 

@@ -1,4 +1,4 @@
-"""bnfold.bench and `bnfold bench`: structure and sanity only, never absolute speed."""
+"""bnfold.latency.bench and `bnfold bench`: structure and sanity only, never absolute speed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from bnfold.bench import _percentile, bench, model_size
+from bnfold.latency import _percentile, bench, model_size
 from bnfold.cli.verify_cmds import bench as bench_cmd
 from bnfold.errors import InputError
 from test_verify import conv_bn_chain, multi_io_model, save
@@ -113,3 +113,23 @@ def test_cli_bench_errors_exit_2(pair, tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith("bnfold: error:")
     missing = CliRunner().invoke(bench_cmd, [str(tmp_path / "none.onnx"), "--runs", "1"])
     assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+def test_bench_is_a_function_and_latency_its_module():
+    import bnfold
+    import bnfold.latency
+
+    assert callable(bnfold.bench) and bnfold.bench is bnfold.latency.bench
+    assert not hasattr(bnfold.latency, "latency")
+
+
+def test_latency_uses_only_public_names_of_verify():
+    import ast
+    import inspect
+
+    import bnfold.latency
+
+    tree = ast.parse(inspect.getsource(bnfold.latency))
+    private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("verify")
+               for a in n.names if a.name.startswith("_")]
+    assert private == []

@@ -1,4 +1,4 @@
-"""``bnfold check`` and ``bnfold bench``: thin wrappers over bnfold.verify and bnfold.bench."""
+"""``bnfold check`` and ``bnfold bench``: thin wrappers over bnfold.verify and bnfold.latency."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def bench(model, other, levels, runs, warmup, threads, provider, shape, seed, pr
 
     Ratios are OTHER / MODEL: below 1 means OTHER is faster or smaller.
     """
-    from ..bench import bench as run_bench
+    from ..latency import bench as run_bench
 
     result = run_bench(
         model,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import InputError
-from .verify import OPT_LEVELS, InputInfo, ModelLike, OrtRunner, _dims_text, _interface, _load_proto, _make_inputs, model_label, ort_version
+from .verify import OPT_LEVELS, InputInfo, ModelLike, OrtRunner, dims_text, load_proto, make_feeds, model_label, ort_version, read_interface
 
 DEFAULT_WARMUP = 5
 DEFAULT_RUNS = 50
@@ -100,7 +100,7 @@ class BenchResult:
             f"onnxruntime {s['onnxruntime']}, {', '.join(s['providers_used'])}, intra-op threads: {s['threads'] or 'default'}, "
             f"{s['warmup']} warm-up + {s['runs']} timed runs per model and level"
             + (", interleaved ABBA" if len(self.models) > 1 else ""),
-            "inputs: " + ", ".join(f"{i.name} {i.dtype} [{_dims_text(i.shape)}]" for i in self.inputs),
+            "inputs: " + ", ".join(f"{i.name} {i.dtype} [{dims_text(i.shape)}]" for i in self.inputs),
         ]
         two = len(self.models) > 1
         labels = [os.path.basename(m.label) or m.label for m in self.models]
@@ -159,7 +159,7 @@ def model_size(model: ModelLike) -> int:
         return int(model.ByteSize())
     path = os.fspath(model)
     total = os.path.getsize(path)
-    proto = _load_proto(path)
+    proto = load_proto(path)
     base = os.path.dirname(os.path.abspath(path))
     files = set()
     for tensor in proto.graph.initializer:
@@ -261,15 +261,15 @@ def bench(
 
 def _bench_feeds(models, seed, shapes, value_range):
     """One feed per model: the same arrays when the interfaces agree, else each its own."""
-    ifaces = [_interface(m) for m in models]
-    feeds, infos, notes = _make_inputs(ifaces[0], seed, 1, shapes, value_range, None)
+    ifaces = [read_interface(m) for m in models]
+    feeds, infos, notes = make_feeds(ifaces[0], seed=seed, shapes=shapes, value_range=value_range)
     feeds_list = [feeds[0]]
     if len(ifaces) > 1:
         same = [(s.name, s.elem_type) for s in ifaces[0].inputs] == [(s.name, s.elem_type) for s in ifaces[1].inputs]
         if same:
             feeds_list.append(feeds[0])
         else:
-            other_feeds, _, other_notes = _make_inputs(ifaces[1], seed, 1, shapes, value_range, None)
+            other_feeds, _, other_notes = make_feeds(ifaces[1], seed=seed, shapes=shapes, value_range=value_range)
             feeds_list.append(other_feeds[0])
             notes = notes + other_notes + ["the two models have different inputs: each got its own"]
     return feeds_list, infos, notes

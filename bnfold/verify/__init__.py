@@ -1,0 +1,58 @@
+"""Equivalence checks with onnxruntime: run two models on the same inputs, compare every output.
+
+Modules, one job each: ``interface`` (what a model takes and returns), ``inputs`` (seeded
+feeds, shapes, .npz), ``runner`` (onnxruntime sessions), ``compare`` (the rule and its
+tolerances), ``results`` (statistics and verdict), ``equivalence`` (``check``).
+
+The comparison rule (one rule, used everywhere, stated in every report)::
+
+    an element fails  iff  |folded - original| > atol + rtol * |original|      (in float64)
+
+``original`` is the reference model's output. NaN must sit at the same positions in both
+outputs, and +-inf must match exactly; such a difference counts as a failing element.
+
+Tolerances. Folding a BatchNorm changes the order of floating-point rounding, so a correct
+fold is not bit-exact, and the rounding error grows with the magnitude of the values the
+network computes, not with each output element (an element near zero can carry the error of
+its large neighbours). So the default ``atol`` is *relative to the output's scale*::
+
+    scale = max |original| over the output's finite elements (1 if all are zero)
+    atol  = k_atol(dtype) * scale,      rtol = k_rtol(dtype)
+
+with ``(k_atol, k_rtol)`` = (1e-9, 1e-9) for float64, (1e-4, 1e-4) for float32, (1e-2, 1e-2)
+for float16 and (5e-2, 5e-2) for bfloat16; integer and bool outputs must be equal. For
+float32 that leaves ~100x headroom over the ~1e-6 relative error of a correct fold of a deep
+network, while any real folding bug (wrong axis, wrong channel, forgotten bias or epsilon
+ignored on a small variance) moves outputs by 1e-2 of their scale or more. An ``atol`` given
+by the caller (globally or per output) is absolute and is used as it is.
+
+``max_rel_err`` in the statistics is ``max |folded - original| / scale``.
+
+onnxruntime is imported inside functions only, so ``import bnfold`` stays light.
+"""
+from __future__ import annotations
+
+from .compare import DEFAULT_TOLERANCES, RULE, SCALE_RULE, compare_outputs, default_tolerance, parse_atol
+from .equivalence import check
+from .inputs import (
+    DEFAULT_BATCH_DIM,
+    DEFAULT_INT_RANGE,
+    DEFAULT_OTHER_DIM,
+    MAX_INPUT_ELEMENTS,
+    InputInfo,
+    make_feeds,
+    make_inputs,
+    parse_range,
+    parse_shape,
+)
+from .interface import Interface, ModelLike, Shape, TensorSpec, dims_text, load_proto, model_label, read_interface
+from .results import CheckResult, OutputStats
+from .runner import CUDA_HELP, OPT_LEVELS, PROVIDERS, OrtRunner, ort_version, run_onnx
+
+__all__ = [
+    "check", "CheckResult", "OutputStats", "compare_outputs", "default_tolerance", "DEFAULT_TOLERANCES", "RULE",
+    "SCALE_RULE", "parse_atol", "parse_range", "parse_shape", "make_inputs", "make_feeds", "InputInfo",
+    "DEFAULT_BATCH_DIM", "DEFAULT_OTHER_DIM", "DEFAULT_INT_RANGE", "MAX_INPUT_ELEMENTS", "Interface", "TensorSpec",
+    "ModelLike", "Shape", "read_interface", "load_proto", "model_label", "dims_text", "OrtRunner", "run_onnx",
+    "ort_version", "OPT_LEVELS", "PROVIDERS", "CUDA_HELP",
+]
