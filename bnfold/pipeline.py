@@ -60,8 +60,12 @@ def fold_path(
     check: bool = True,
     seed: int = 0,
     shapes: Optional[Dict[str, List[int]]] = None,
+    check_options: Optional[Dict] = None,
 ) -> FoldOutcome:
     """Fold the ONNX model at ``src`` into ``dst`` (None: report only, write nothing).
+
+    ``check_options``: more keyword arguments for :func:`bnfold.verify.check` (tolerances,
+    batches, inputs); they win over ``seed`` and ``shapes``.
 
     The output goes to a staging folder beside ``dst`` and is moved into place only when
     writing and the equivalence check both succeed. Expected failures come back in the
@@ -82,7 +86,8 @@ def fold_path(
         with _spill_beside(dst) as spill:  # new weights wait on disk, not in memory
             outcome.report = fold_model_proto(model, spill=spill)
             if dst is not None:
-                options = dict(external=bool(data_files), check=check, seed=seed, shapes=shapes)
+                options = dict(external=bool(data_files), check=check,
+                               check_options=dict(dict(seed=seed, shapes=shapes or {}), **(check_options or {})))
                 _write_and_check(model, source, os.fspath(dst), protect, outcome, **options)
     except _Mismatch:
         exc = CheckFailed("the folded model does not match the original; nothing written")
@@ -109,7 +114,7 @@ def _spill_beside(dst: Optional[str]):
         raise OutputError(f"{folder}: cannot write ({exc.strerror or exc})") from None
 
 
-def _write_and_check(model, source: str, dst: str, protect, outcome, *, external, check, seed, shapes) -> None:
+def _write_and_check(model, source: str, dst: str, protect, outcome, *, external, check, check_options) -> None:
     """Write ``model`` to ``dst`` through a staging folder; check it there before moving it in.
 
     ``external``: write tensors to a data file beside ``dst`` (as the input had them); else
@@ -121,7 +126,7 @@ def _write_and_check(model, source: str, dst: str, protect, outcome, *, external
         write_model(model, staged, external=True if external else None)
         if check:
             labels = (outcome.source, dst)
-            outcome.verdict = _check(source, staged, seed, shapes or {}, labels)
+            outcome.verdict = _check(source, staged, labels, outcome.report, check_options)
             outcome.report.extra["check"] = outcome.verdict.to_dict()
             if not outcome.verdict:
                 raise _Mismatch()
@@ -131,10 +136,10 @@ class _Mismatch(Exception):
     """Raised inside the staging block so that nothing is moved into place."""
 
 
-def _check(original: str, folded: str, seed: int, shapes, labels):
+def _check(original: str, folded: str, labels, report, check_options):
     from .verify import check
 
-    return check(original, folded, seed=seed, shapes=shapes, labels=labels)
+    return check(original, folded, labels=labels, report=report, **check_options)
 
 
 # ---------------------------------------------------------------- many models

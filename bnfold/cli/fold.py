@@ -9,6 +9,7 @@ import click
 
 from ..errors import InputError
 from ._common import fail, handles_errors
+from .check_options import with_check_options
 
 # Files that can only be read by unpickling, which runs arbitrary code.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
@@ -33,11 +34,9 @@ PICKLE_REFUSAL = (
               help="Write the fold report (and the check verdict) as JSON to this file.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the folded model against the original with onnxruntime before keeping it.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the check's random inputs.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Size dynamic input dims for the check, e.g. input:1x3x224x224 (repeatable).")
+@with_check_options
 @handles_errors
-def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
+def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, check_opts):
     """Fold every BatchNorm that follows a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
 
     The folded model is checked against the original with onnxruntime (graph optimizations
@@ -47,7 +46,7 @@ def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed
     bnfold model.onnx -o folded.onnx
     bnfold a.onnx b.onnx models/ --out-dir folded/ -j 2
     """
-    shape_map = _parse_shapes(shapes)
+    check_kwargs = check_opts.kwargs()
     if json_path:
         _check_json_target(json_path, list(models) + ([output] if output else []))
     if out_dir is not None or len(models) > 1:
@@ -55,7 +54,7 @@ def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed
             raise click.UsageError("use --out-dir (not -o) with several models")
         if not out_dir and not dry_run:
             raise click.UsageError("give --out-dir DIR for several models (or --dry-run)")
-        _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed, shape_map)
+        _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, check_kwargs)
         return
     model = models[0]
     if not dry_run and not output:
@@ -67,7 +66,7 @@ def fold(models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed
         return
     from ..pipeline import fold_path
 
-    outcome = fold_path(model, None if dry_run else output, check=check, seed=seed, shapes=shape_map)
+    outcome = fold_path(model, None if dry_run else output, check=check, check_options=check_kwargs)
     if outcome.report is not None:
         _print_outcome(outcome, verbose, dry_run, check)
     if json_path and outcome.report is not None:
@@ -89,7 +88,7 @@ def _print_outcome(outcome, verbose, dry_run, check):
         click.echo(f"  wrote {outcome.output} in {outcome.seconds:.2f} s")
 
 
-def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
+def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, check_kwargs):
     import json
     import sys
 
@@ -106,7 +105,7 @@ def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, check, seed,
             click.echo(lines[-1])
 
     bar_shown = sys.stderr.isatty() and len(pairs) > 1
-    options = dict(workers=jobs, check=check, seed=seed, shapes=shapes)
+    options = dict(workers=jobs, check=check, check_options=check_kwargs)
     if bar_shown:
         with click.progressbar(length=len(pairs), label="folding", file=sys.stderr) as bar:
             outcomes = fold_many(pairs, on_done=lambda o: (on_done(o), bar.update(1)), **options)
@@ -137,14 +136,6 @@ def _batch_line(outcome):
         where = f" -> {outcome.output}" if outcome.output else ""
         return f"ok    {outcome.source}{where}: folded {r.n_folded} of {total} in {outcome.seconds:.2f} s"
     return f"FAIL  {outcome.source}: {outcome.error} [exit {outcome.exit_code}]"
-
-
-def _parse_shapes(specs):
-    if not specs:
-        return {}
-    from ..verify import parse_shape  # one syntax for fold and check
-
-    return dict(parse_shape(spec) for spec in specs)
 
 
 def _indent(text):

@@ -70,12 +70,15 @@ def compare_outputs(
     atol: Optional[float] = None,
     rtol: Optional[float] = None,
     per_output: Optional[Mapping[str, Union[float, Tuple[float, float]]]] = None,
+    precisions: Optional[Mapping[str, Tuple[str, str]]] = None,
 ) -> CheckResult:
     """Compare outputs by name under the module's rule; ``expected`` is the reference.
 
     Values are arrays, or lists of arrays (one per batch). ``atol`` (absolute) replaces the
     scaled default for every output; ``per_output`` maps an output name to an absolute atol, or
     to ``(atol, rtol)``, and wins over ``atol``/``rtol``. Outputs present on one side only fail.
+    ``precisions`` maps an output name to ``(float type it is computed in, why)``: the default
+    tolerance is that type's (else the output's own dtype's).
     Raises InputError if ``per_output`` names an output that neither side has.
     """
     per_output = dict(per_output or {})
@@ -99,7 +102,7 @@ def compare_outputs(
         o_atol, o_rtol = (override if isinstance(override, tuple) else (override, None)) if override is not None else (None, None)
         stats.append(
             _compare_one(name, exp_list, act_list, o_atol if o_atol is not None else atol, o_rtol if o_rtol is not None else rtol,
-                         "given for this output" if o_atol is not None else "given")
+                         "given for this output" if o_atol is not None else "given", (precisions or {}).get(name))
         )
     for name in actual:
         if name not in expected:
@@ -108,7 +111,7 @@ def compare_outputs(
     return CheckResult(passed=passed, outputs=stats, problems=problems, rule=RULE, scale_rule=SCALE_RULE)
 
 
-def _compare_one(name, exp_list, act_list, atol, rtol, given_text) -> OutputStats:
+def _compare_one(name, exp_list, act_list, atol, rtol, given_text, precision=None) -> OutputStats:
     exp0 = exp_list[0]
     dtype = str(exp0.dtype)
     base = OutputStats(name, False, dtype, list(exp0.shape))
@@ -122,11 +125,10 @@ def _compare_one(name, exp_list, act_list, atol, rtol, given_text) -> OutputStat
         if e.shape != a.shape:
             base.problem = f"shape differs: original [{dims_text(e.shape)}], folded [{dims_text(a.shape)}]"
             return base
-    tol = default_tolerance(dtype) if is_float_dtype(exp0.dtype) else None
-    if tol is None and (exp0.dtype.kind in "iub" or exp0.dtype.kind in "USO"):
+    if not is_float_dtype(exp0.dtype) and (exp0.dtype.kind in "iub" or exp0.dtype.kind in "USO"):
         return _compare_exact(base, exp_list, act_list)
-    if tol is None:
-        tol = _OTHER_FLOAT_TOLERANCE
+    base.precision, base.precision_why = precision if precision else (dtype, "the output's dtype")
+    tol = default_tolerance(base.precision) or _OTHER_FLOAT_TOLERANCE
     return _compare_float(base, exp_list, act_list, tol, atol, rtol, given_text)
 
 
@@ -159,7 +161,8 @@ def _compare_float(stats: OutputStats, exp_list, act_list, tol, atol, rtol, give
     k_atol, k_rtol = tol
     if atol is None:
         stats.atol = k_atol * scale
-        stats.tolerance_source = f"{k_atol:g} x scale, default for {stats.dtype}"
+        why = "" if stats.precision == stats.dtype else f", computed in {stats.precision}"
+        stats.tolerance_source = f"{k_atol:g} x scale, default for {stats.precision}{why}"
     else:
         stats.atol = float(atol)
         stats.tolerance_source = given_text
@@ -179,6 +182,11 @@ def _compare_float(stats: OutputStats, exp_list, act_list, tol, atol, rtol, give
     stats.max_rel_err = stats.max_abs_err / scale
     stats.mean_abs_err = float(diff[both].mean()) if both.any() else 0.0
     stats.passed = stats.failing == 0
+    if both.any():
+        stats.p50_abs_err, stats.p99_abs_err = (float(x) for x in np.percentile(diff[both], [50, 99]))
+        stats.min_atol = float(max(0.0, (diff[both] - stats.rtol * np.abs(e[both])).max()))
+    if stats.nonfinite_mismatch:
+        stats.min_atol = math.inf
     if stats.failing:
         score = np.where(nan_mismatch | other_nonfinite, np.inf, diff)
         stats.worst = _worst_flat(int(np.argmax(score)), exp_list, e, a)
@@ -203,3 +211,210 @@ def _worst_flat(flat_index: int, exp_list, e: np.ndarray, a: np.ndarray) -> Dict
     return {"batch": 0, "index": [], "original": float("nan"), "folded": float("nan")}
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Fold sites
+
+
+# float type -> k, the relative tolerance at a fold site (see SITE_RULE and the package docstring)
+SITE_TOLERANCES: Dict[str, float] = {
+    "float64": 1e-12,  # ~4500 ulp
+    "float32": 1e-5,  # ~84 ulp; a correct fold measures 2 to 4 (the comparison is local, see sites.py)
+    "float16": 1e-2,  # ~10 ulp
+    "bfloat16": 6e-2,  # ~8 ulp
+}
+# float type -> the largest per-channel slope of (folded - original) against original a correct
+# fold may show. Rounding noise does not correlate with the values (slopes ~1e-5 and below), a
+# channel scaled by (1 + s) has slope s exactly: this finds a channel 1 % off in float16 and
+# bfloat16, where one element's rounding is already 0.05 % to 0.4 %.
+SITE_SLOPES: Dict[str, float] = {"float64": 1e-9, "float32": 1e-4, "float16": 2.5e-3, "bfloat16": 5e-3}
+_OTHER_FLOAT_SLOPE = 5e-2
+MIN_SLOPE_ELEMENTS = 16  # fewer elements in a channel: no slope test for it
+MIN_EXPLAINED = 0.5  # r^2 of the fit: a slope counts only when it explains most of the difference
+_OTHER_FLOAT_SITE = 2.5e-1
+SITE_FLOOR = 1e-2  # R is at least this fraction of the tensor's scale
+END_TO_END_FACTOR = 10.0  # k is widened this much when a site can only be compared end to end
+SITE_RULE = (
+    "fold site: element fails iff |folded - original| > k * (R + |original|), k by the precision the site computes in; "
+    "R = the larger of |a| * max |input of the folded run| over the element's channel (the size of the values before the "
+    "run's shift; |a| = std(output)/std(input) per channel) and |a| * sum |w||x| of the linear op for that element (the "
+    "size of the terms it adds), or, without the run's input, max |original| over the channel; "
+    f"at least {SITE_FLOOR:g} x max |original| over the tensor; "
+    "and no channel is a scaled copy: |slope of (folded - original) against original| <= s(precision) per channel, "
+    f"counted where the slope explains at least {MIN_EXPLAINED:g} of the difference's variance (r^2)"
+)
+
+
+def site_tolerance(precision: str) -> float:
+    return SITE_TOLERANCES.get(precision, _OTHER_FLOAT_SITE)
+
+
+def site_slope_limit(precision: str) -> float:
+    return SITE_SLOPES.get(precision, _OTHER_FLOAT_SLOPE)
+
+
+def _channel_slopes(e: np.ndarray, a: np.ndarray, axis: Optional[int]) -> Tuple[float, Optional[int]]:
+    """The largest |least-squares slope| of (a - e) against e over the channels (the whole tensor
+    when ``axis`` is None), and the channel where it is (None for the whole tensor)."""
+    finite = np.isfinite(e) & np.isfinite(a)
+    e = np.where(finite, e, 0.0)
+    d = np.where(finite, a - e, 0.0)
+    if axis is None:
+        e, d, finite = e.reshape(1, -1), d.reshape(1, -1), finite.reshape(1, -1)
+    else:
+        e = np.moveaxis(e, axis, 0).reshape(e.shape[axis], -1)
+        d = np.moveaxis(d, axis, 0).reshape(d.shape[axis], -1)
+        finite = np.moveaxis(finite, axis, 0).reshape(finite.shape[axis], -1)
+    n = finite.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        em = np.where(n > 0, e.sum(axis=1) / np.maximum(n, 1), 0.0)[:, None]
+        dm = np.where(n > 0, d.sum(axis=1) / np.maximum(n, 1), 0.0)[:, None]
+        ec = np.where(finite, e - em, 0.0)
+        dc = np.where(finite, d - dm, 0.0)
+        var = (ec * ec).sum(axis=1)
+        dvar = (dc * dc).sum(axis=1)
+        cov = (ec * dc).sum(axis=1)
+        # only a difference that *is* a scaling counts: most of its variance explained by the values
+        # (rounding differences can correlate weakly with them, e.g. bias-only borders of a
+        # strided ConvTranspose, and then give a slope without being one)
+        explained = np.where((var > 0) & (dvar > 0), cov * cov / np.where((var > 0) & (dvar > 0), var * dvar, 1.0), 0.0)
+        usable = (n >= MIN_SLOPE_ELEMENTS) & (var > 0) & (explained >= MIN_EXPLAINED)
+        slope = np.where(usable, cov / np.where(usable, var, 1.0), 0.0)
+    if not slope.size or not usable.any():
+        return 0.0, None
+    c = int(np.argmax(np.abs(slope)))
+    return float(abs(slope[c])), (c if axis is not None else None)
+
+
+def compare_site(site, value, exp_list, act_list, before_list, k: Optional[float] = None, local: bool = True,
+                 magnitude=None):
+    """Compare one fold site tensor under :data:`SITE_RULE` (``value`` a SiteValue, lists one
+    array per batch; ``before_list`` the original's input of the run, or None)."""
+    from .results import SiteStats
+
+    exp0 = np.asarray(exp_list[0])
+    stats = SiteStats(site.title, site.kind, site.node, site.into, site.rule, value.name, False, str(exp0.dtype),
+                      list(exp0.shape), site.precision, site.precision_why)
+    for e, a in zip(exp_list, act_list):
+        if np.shape(e) != np.shape(a):
+            stats.problem = f"shape differs: original [{dims_text(np.shape(e))}], folded [{dims_text(np.shape(a))}]"
+            return stats
+    if not is_float_dtype(exp0.dtype):
+        stats.problem = None
+        stats.failing = sum(int(np.count_nonzero(np.asarray(e) != np.asarray(a))) for e, a in zip(exp_list, act_list))
+        stats.total = sum(int(np.size(e)) for e in exp_list)
+        stats.passed = stats.failing == 0
+        stats.tolerance_source = "exact (not a float)"
+        return stats
+    stats.k = float(k) if k is not None else site_tolerance(site.precision or str(exp0.dtype))
+    stats.tolerance_source = "given (--rtol)" if k is not None else f"default for {site.precision or exp0.dtype}"
+    if not local and k is None:
+        stats.k *= END_TO_END_FACTOR
+        stats.tolerance_source += f", x{END_TO_END_FACTOR:g} end to end"
+    diffs, ratios, allowed_all, origs, folds, bads = [], [], [], [], [], []
+    nonfinite = 0
+    axis = None
+    groups = _site_groups(exp_list, act_list, before_list, magnitude)
+    for e, a, x, m, stacked in groups:
+        R, axis = _site_reference(e, x, None if value.channel_axis is None else _shift_axis(value.channel_axis, stacked, e.ndim),
+                                  m, value.direct)
+        both = np.isfinite(e) & np.isfinite(a)
+        nan_mismatch = np.isnan(e) != np.isnan(a)
+        other = ~both & ~np.isnan(e) & ~np.isnan(a) & (e != a)
+        nonfinite += int(np.count_nonzero(nan_mismatch | other))
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(both, np.abs(a - e), 0.0)
+            allowed = stats.k * (R + np.where(both, np.abs(e), 0.0))
+            ratio = np.where(both, diff / np.maximum(R + np.abs(np.where(both, e, 0.0)), np.finfo(np.float64).tiny), 0.0)
+        ratio = np.where(nan_mismatch | other, np.inf, ratio)
+        diffs.append(diff.ravel())
+        ratios.append(ratio.ravel())
+        allowed_all.append(np.broadcast_to(allowed, e.shape).ravel())
+        origs.append(e.ravel())
+        folds.append(a.ravel())
+        bads.append(((diff > allowed) & both).ravel())
+    diff, ratio = np.concatenate(diffs), np.concatenate(ratios)
+    stats.per_channel_axis = None if axis is None else axis - (1 if groups[0][4] else 0)
+    stats.slope_limit = float(k) if k is not None else site_slope_limit(site.precision or str(exp0.dtype))
+    for e, a, _, _, stacked in groups:
+        ch_axis = None if value.channel_axis is None else _shift_axis(value.channel_axis, stacked, e.ndim)
+        slope, channel = _channel_slopes(e, a, ch_axis)
+        if slope >= stats.max_slope:
+            stats.max_slope, stats.slope_channel = slope, channel
+    stats.total = int(diff.size)
+    stats.nonfinite_mismatch = nonfinite
+    stats.failing = int(sum(np.count_nonzero(x) for x in bads)) + nonfinite
+    stats.passed = stats.failing == 0 and stats.max_slope <= stats.slope_limit
+    finite_e = np.concatenate(origs)
+    finite_e = finite_e[np.isfinite(finite_e)]
+    stats.scale = float(np.abs(finite_e).max()) if finite_e.size else 0.0
+    if diff.size:
+        stats.max_abs_err = float(diff.max())
+        stats.p50_abs_err, stats.p99_abs_err = (float(v) for v in np.percentile(diff, [50, 99]))
+        stats.min_k = float(ratio.max())
+        stats.max_rel_err = stats.min_k
+    if not stats.passed and stats.failing:
+        flat = int(np.argmax(ratio))
+        worst = _worst_flat(flat, exp_list, np.concatenate(origs), np.concatenate(folds))
+        worst["allowed"] = float(np.concatenate(allowed_all)[flat])
+        stats.worst = worst
+    return stats
+
+
+def _site_groups(exp_list, act_list, before_list, magnitude_list=None):
+    """``(original, folded, before, magnitude, stacked)``: all batches stacked on a new first axis
+    when their shapes agree (per-channel statistics then see every batch), else one group per batch."""
+    e = [np.asarray(v, dtype=np.float64) for v in exp_list]
+    a = [np.asarray(v, dtype=np.float64) for v in act_list]
+    x = None if before_list is None else [np.asarray(v, dtype=np.float64) for v in before_list]
+    m = None if magnitude_list is None else [np.asarray(v, dtype=np.float64) for v in magnitude_list]
+    same = all(len({v.shape for v in group}) == 1 for group in (e, x, m) if group is not None)
+    if same:
+        return [(np.stack(e), np.stack(a), None if x is None else np.stack(x), None if m is None else np.stack(m), True)]
+    return [(eb, ab, None if x is None else x[i], None if m is None else m[i], False) for i, (eb, ab) in enumerate(zip(e, a))]
+
+
+def _shift_axis(axis: int, stacked: bool, ndim: int) -> Optional[int]:
+    """A channel axis of one batch's tensor, as an axis of the stacked array."""
+    rank = ndim - (1 if stacked else 0)
+    if not -rank <= axis < rank:
+        return None
+    return axis % rank + (1 if stacked else 0)
+
+
+def _site_reference(e: np.ndarray, x: Optional[np.ndarray], channel_axis: Optional[int], m: Optional[np.ndarray] = None,
+                    direct: bool = False):
+    """R of :data:`SITE_RULE` for each element of ``e`` (broadcastable), and the channel axis used.
+
+    ``m``: sum |w| |x| of the linear op the run was folded into, per element of its output (of
+    ``e`` itself when ``direct``)."""
+    finite = np.where(np.isfinite(e), np.abs(e), 0.0)
+    tensor_scale = float(finite.max()) if finite.size else 0.0
+    axis = None
+    if channel_axis is not None and e.size and e.size // max(e.shape[channel_axis], 1) >= 2:
+        axis = channel_axis  # (a channel needs two or more elements for its statistics)
+    others = tuple(i for i in range(e.ndim) if i != axis) if axis is not None else None
+    channel = finite.max(axis=others, keepdims=True) if others is not None else np.full((1,) * e.ndim, tensor_scale)
+    floor = SITE_FLOOR * tensor_scale
+    R = np.maximum(channel, floor)
+    if x is not None and x.shape == e.shape and e.size > 1:
+        # the run maps x to e per channel as e = a x + b: |a| = std(e) / std(x) over the channel;
+        # |a| * max |x| is how large the values were before the shift took them back towards 0
+        xf = np.where(np.isfinite(x), x, 0.0)
+        ef = np.where(np.isfinite(e), e, 0.0)
+        sx = xf.std(axis=others, keepdims=True) if others is not None else np.full((1,) * e.ndim, xf.std())
+        se = ef.std(axis=others, keepdims=True) if others is not None else np.full((1,) * e.ndim, ef.std())
+        mx = np.abs(xf).max(axis=others, keepdims=True) if others is not None else np.full((1,) * e.ndim, np.abs(xf).max())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pre = np.where(sx > 0, se / sx * mx, 0.0)
+        R = np.maximum(np.where(sx > 0, pre, channel), floor)
+        if m is not None and m.shape == e.shape:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gain = np.where(sx > 0, se / sx, 0.0)
+            R = np.maximum(R, gain * np.where(np.isnan(m), 0.0, m))
+    elif direct and m is not None and m.shape == e.shape:
+        R = np.maximum(R, np.where(np.isnan(m), 0.0, m))
+    if tensor_scale == 0:
+        R = np.maximum(R, 1.0)
+    return R, axis

@@ -105,29 +105,45 @@ def make_feeds(
         lo, hi = value_range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise InputError(f"bad value range {value_range!r}: need finite lo < hi")
-    npz = _read_npz(inputs_npz, iface) if inputs_npz is not None else {}
-    if npz and batches != 1:
+    npz_batches = _read_npz(inputs_npz, iface) if inputs_npz is not None else []
+    if len(npz_batches) == 1 and batches != 1:
         raise InputError("--inputs gives one batch; use --batches 1 with it")
+    if npz_batches:
+        batches = len(npz_batches)
+    npz = npz_batches[0] if npz_batches else {}
     resolved, notes = _resolve_shapes(iface, shapes or {}, npz)
     feeds: List[Dict[str, np.ndarray]] = []
     infos: List[InputInfo] = []
+    where = f"npz {os.fspath(inputs_npz)}" if inputs_npz is not None else ""
     for b in range(batches):
+        given = npz_batches[b] if npz_batches else {}
         feed = {}
         for index, spec in enumerate(iface.inputs):
-            if spec.name in npz:
-                feed[spec.name] = npz[spec.name]
-                source = f"npz {os.fspath(inputs_npz)}"
+            if spec.name in given:
+                feed[spec.name] = given[spec.name]
+                source = where
             else:
                 rng = np.random.default_rng([seed, b, index])
                 feed[spec.name], source = _generate(spec, resolved[spec.name], rng, value_range, iface.label)
             if b == 0:
                 infos.append(InputInfo(spec.name, _array_dtype_name(feed[spec.name]), list(feed[spec.name].shape), source))
-        for name in iface.optional_inputs:
-            if name in npz:
-                feed[name] = npz[name]
+        overridable = {s.name: s for s in iface.overridable}
+        for index, name in enumerate(iface.optional_inputs, start=len(iface.inputs)):
+            spec = overridable.get(name)
+            if name in given:
+                feed[name] = given[name]
                 if b == 0:
-                    infos.append(InputInfo(name, _array_dtype_name(npz[name]), list(npz[name].shape), f"npz {os.fspath(inputs_npz)}"))
+                    infos.append(InputInfo(name, _array_dtype_name(given[name]), list(given[name].shape), where))
+            elif spec is not None and b > 0 and is_float_dtype(_np_dtype(spec, iface.label)):
+                rng = np.random.default_rng([seed, b, index])
+                feed[name], _ = _generate(spec, tuple(spec.dims), rng, value_range, iface.label)
         feeds.append(feed)
+    for spec in iface.overridable:
+        if spec.name in npz:
+            continue
+        dtype = _np_dtype(spec, iface.label)
+        how = "its default in batch 1, normal(0,1) in the others" if is_float_dtype(dtype) else "its default (not a float: kept)"
+        infos.append(InputInfo(spec.name, str(dtype), list(spec.dims), f"overridable initializer: {how}"))
     missing = [s.name for s in iface.inputs if s.name not in npz]
     if npz and missing:
         notes.append(f"input(s) {', '.join(map(repr, missing))} not in {os.fspath(inputs_npz)}: generated")
@@ -267,7 +283,12 @@ def _np_dtype(spec: TensorSpec, label: str) -> np.dtype:
 
 
 
-def _read_npz(path, iface: Interface) -> Dict[str, np.ndarray]:
+BATCH_KEY = re.compile(r"batch(\d+)/(.+)")  # several batches in one .npz: 'batch0/x', 'batch1/x', ...
+
+
+def _read_npz(path, iface: Interface) -> List[Dict[str, np.ndarray]]:
+    """The arrays of an .npz, one dict per batch: plain names are one batch; names written as
+    ``batchN/NAME`` (as ``--save-inputs`` writes several batches) are batch N."""
     path = os.fspath(path)
     check_path(path)
     try:
@@ -275,6 +296,17 @@ def _read_npz(path, iface: Interface) -> Dict[str, np.ndarray]:
             arrays = {k: data[k] for k in data.files}
     except Exception as exc:
         raise InputError(f"{path}: cannot read as .npz ({one_line(str(exc)) or type(exc).__name__})") from None
+    split = {k: BATCH_KEY.fullmatch(k) for k in arrays}
+    if arrays and all(split.values()):
+        count = 1 + max(int(m.group(1)) for m in split.values())
+        batches: List[Dict[str, np.ndarray]] = [{} for _ in range(count)]
+        for key, m in split.items():
+            batches[int(m.group(1))][m.group(2)] = arrays[key]
+        return [_check_npz(path, b, iface) for b in batches]
+    return [_check_npz(path, arrays, iface)]
+
+
+def _check_npz(path: str, arrays: Dict[str, np.ndarray], iface: Interface) -> Dict[str, np.ndarray]:
     specs = {s.name: s for s in iface.inputs}
     allowed = set(specs) | set(iface.optional_inputs)
     unknown = sorted(set(arrays) - allowed)
@@ -302,3 +334,23 @@ def _check_npz_array(path: str, name: str, arr: np.ndarray, spec: TensorSpec, la
             )
     return arr
 
+
+
+def save_npz(path: Union[str, "os.PathLike[str]"], batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Write arrays to an .npz: plain names for one batch, ``batchN/NAME`` for several (the
+    form ``--inputs`` reads back). bfloat16 arrays are stored as their raw 16-bit values."""
+    arrays: Dict[str, np.ndarray] = {}
+    for b, batch in enumerate(batches):
+        for name, value in batch.items():
+            value = np.asarray(value)
+            if value.dtype.name == "bfloat16":
+                value = value.view(np.uint16)
+            arrays[name if len(batches) == 1 else f"batch{b}/{name}"] = value
+    path = os.fspath(path)
+    try:
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+    except OSError as exc:
+        from ..errors import OutputError
+
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None

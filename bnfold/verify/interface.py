@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -36,6 +36,10 @@ class Interface:
     optional_inputs: List[str]  # inputs with an initializer default
     outputs: List[TensorSpec]
     label: str
+    # Initializers a graph input of the same name can override (IR >= 4), with the
+    # initializer's dtype and shape: the check feeds them like inputs in later batches.
+    overridable: List[TensorSpec] = field(default_factory=list)
+    proto: Any = field(default=None, repr=False)  # the ModelProto read (without external data)
 
 
 def elem_type_name(elem_type: int) -> str:
@@ -88,7 +92,11 @@ def read_interface(model: ModelLike) -> Interface:
         else:
             inputs.append(_spec(vi, model_label(model)))
     outputs = [_spec(vi, model_label(model), strict=False) for vi in graph.output]
-    return Interface(inputs, optional, outputs, model_label(model))
+    overridable = []
+    if proto.ir_version >= 4:  # below IR 4 every initializer is listed as an input: weights, not an interface
+        inits = {t.name: t for t in graph.initializer}
+        overridable = [TensorSpec(n, inits[n].data_type, [int(d) for d in inits[n].dims]) for n in optional if n in inits]
+    return Interface(inputs, optional, outputs, model_label(model), overridable, proto)
 
 
 def _spec(vi, label: str, strict: bool = True) -> TensorSpec:
@@ -101,8 +109,9 @@ def _spec(vi, label: str, strict: bool = True) -> TensorSpec:
     if not tt.HasField("shape"):
         return TensorSpec(vi.name, tt.elem_type, None)
     dims: List[Union[int, str, None]] = []
+    # An input dim written as -1, or as 0, is how several exporters say "unknown": dynamic.
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and (d.dim_value not in (-1, 0) or not strict):
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
@@ -115,6 +124,13 @@ def _spec(vi, label: str, strict: bool = True) -> TensorSpec:
 def dims_text(dims) -> str:
     return "x".join("?" if d is None else str(d) for d in dims) or "scalar"
 
+
+
+def elem_type_of(dtype: np.dtype) -> int:
+    """The ONNX element type of a numpy dtype (bfloat16 and float8 from ml_dtypes included)."""
+    import onnx
+
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
 def is_float_dtype(dtype: np.dtype) -> bool:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ExternalDataError, InputError
-from .interface import ModelLike, check_path, model_label, one_line
+from .interface import ModelLike, check_path, load_proto, model_label, one_line
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 PROVIDERS = ("cpu", "cuda")
@@ -24,11 +24,20 @@ CUDA_HELP = (
 
 
 
+_QUIET = False
+
+
 def import_ort():
+    """onnxruntime, with its process-wide logger silenced: its ``[E:onnxruntime:...]`` lines would
+    reach the user's terminal beside bnfold's own one-line message for the same failure."""
+    global _QUIET
     try:
         import onnxruntime as ort
     except ImportError:
         raise InputError("onnxruntime is not installed: `pip install onnxruntime` (or onnxruntime-gpu)") from None
+    if not _QUIET:
+        ort.set_default_logger_severity(4)  # fatal only; errors come back as exceptions
+        _QUIET = True
     return ort
 
 
@@ -72,6 +81,8 @@ class OrtRunner:
         threads: Optional[int] = None,
         tf32: bool = False,
         label: Optional[str] = None,
+        extra_outputs: Sequence[str] = (),
+        external_folder: Optional[str] = None,
     ) -> None:
         ort = import_ort()
         self.label = label or model_label(model)
@@ -79,13 +90,20 @@ class OrtRunner:
         self.ort_opt = ort_opt
         options = ort.SessionOptions()
         options.graph_optimization_level = _opt_level(ort, ort_opt)
-        options.log_severity_level = 3  # errors only: ORT's warnings are noise on a user's terminal
+        options.log_severity_level = 4  # errors reach the user as bnfold's one-line message, not ORT's log
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         if threads is not None:
             if threads < 1:
                 raise InputError("--threads must be at least 1")
             options.intra_op_num_threads = int(threads)
         providers = _providers(ort, provider, tf32)
-        source = self._source(model)
+        if external_folder is not None:  # a ModelProto whose external data lives beside a file
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
+        if extra_outputs:
+            source = self._with_outputs(model, extra_outputs, options)
+        else:
+            source = self._source(model)
         start = time.perf_counter()
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
@@ -112,11 +130,23 @@ class OrtRunner:
         except Exception as exc:  # e.g. a proto over 2 GiB
             raise InputError(f"{self.label}: cannot serialize the model for onnxruntime ({one_line(str(exc))}); save it with external data and pass the path") from None
 
+    def _with_outputs(self, model: ModelLike, names: Sequence[str], options):
+        """A private in-memory copy that also returns ``names``; a model on disk keeps reading its
+        external data from its own folder. The model file is never written."""
+        from .sites import with_outputs
+
+        if isinstance(model, (str, os.PathLike)):
+            check_path(os.fspath(model))
+            folder = os.path.dirname(os.path.abspath(os.fspath(model)))
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            model = load_proto(model)
+        return self._source(with_outputs(model, names))
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         try:
             if self._bf16:
                 return self._run_ort_values(feeds)
-            values = self.session.run(None, dict(feeds))
+            values = self.session.run(None, dict(feeds), self._run_options)
         except (MemoryError, InputError):
             raise
         except Exception as exc:
@@ -141,7 +171,7 @@ class OrtRunner:
                 )
             else:
                 values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-        results = self.session.run_with_ort_values(None, values)
+        results = self.session.run_with_ort_values(None, values, self._run_options)
         return {name: _ortvalue_to_numpy(v, name, self.label) for name, v in zip(self.output_names, results)}
 
 
