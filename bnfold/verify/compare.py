@@ -232,6 +232,11 @@ SITE_SLOPES: Dict[str, float] = {"float64": 1e-9, "float32": 1e-4, "float16": 2.
 _OTHER_FLOAT_SLOPE = 5e-2
 MIN_SLOPE_ELEMENTS = 16  # fewer elements in a channel: no slope test for it
 MIN_EXPLAINED = 0.5  # r^2 of the fit: a slope counts only when it explains most of the difference
+# unit roundoff per float type; a slope counts only when the scaling it describes moves the
+# channel's values by more than SLOPE_ULPS units of its scale (a channel whose values barely vary
+# can show a steep slope from rounding alone, e.g. values straddling a power of two)
+UNIT_ROUNDOFF: Dict[str, float] = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+SLOPE_ULPS = 4.0
 _OTHER_FLOAT_SITE = 2.5e-1
 SITE_FLOOR = 1e-2  # R is at least this fraction of the tensor's scale
 END_TO_END_FACTOR = 10.0  # k is widened this much when a site can only be compared end to end
@@ -242,7 +247,8 @@ SITE_RULE = (
     "size of the terms it adds), or, without the run's input, max |original| over the channel; "
     f"at least {SITE_FLOOR:g} x max |original| over the tensor; "
     "and no channel is a scaled copy: |slope of (folded - original) against original| <= s(precision) per channel, "
-    f"counted where the slope explains at least {MIN_EXPLAINED:g} of the difference's variance (r^2)"
+    f"counted where the slope explains at least {MIN_EXPLAINED:g} of the difference's variance (r^2) and moves the "
+    f"channel by more than {SLOPE_ULPS:g} units of roundoff of its scale"
 )
 
 
@@ -254,7 +260,7 @@ def site_slope_limit(precision: str) -> float:
     return SITE_SLOPES.get(precision, _OTHER_FLOAT_SLOPE)
 
 
-def _channel_slopes(e: np.ndarray, a: np.ndarray, axis: Optional[int]) -> Tuple[float, Optional[int]]:
+def _channel_slopes(e: np.ndarray, a: np.ndarray, axis: Optional[int], unit: float = 0.0) -> Tuple[float, Optional[int]]:
     """The largest |least-squares slope| of (a - e) against e over the channels (the whole tensor
     when ``axis`` is None), and the channel where it is (None for the whole tensor)."""
     finite = np.isfinite(e) & np.isfinite(a)
@@ -281,6 +287,10 @@ def _channel_slopes(e: np.ndarray, a: np.ndarray, axis: Optional[int]) -> Tuple[
         explained = np.where((var > 0) & (dvar > 0), cov * cov / np.where((var > 0) & (dvar > 0), var * dvar, 1.0), 0.0)
         usable = (n >= MIN_SLOPE_ELEMENTS) & (var > 0) & (explained >= MIN_EXPLAINED)
         slope = np.where(usable, cov / np.where(usable, var, 1.0), 0.0)
+        scale = np.abs(np.where(finite, e, 0.0)).max(axis=1) if e.size else np.zeros(len(n))
+        spread = np.where(finite, e, np.inf).min(axis=1) if e.size else np.zeros(len(n))
+        spread = np.where(finite, e, -np.inf).max(axis=1) - spread
+        slope = np.where(np.abs(slope) * spread > SLOPE_ULPS * unit * scale, slope, 0.0)
     if not slope.size or not usable.any():
         return 0.0, None
     c = int(np.argmax(np.abs(slope)))
@@ -339,7 +349,8 @@ def compare_site(site, value, exp_list, act_list, before_list, k: Optional[float
     stats.slope_limit = float(k) if k is not None else site_slope_limit(site.precision or str(exp0.dtype))
     for e, a, _, _, stacked in groups:
         ch_axis = None if value.channel_axis is None else _shift_axis(value.channel_axis, stacked, e.ndim)
-        slope, channel = _channel_slopes(e, a, ch_axis)
+        unit = UNIT_ROUNDOFF.get(site.precision or str(exp0.dtype), 2.0**-4)
+        slope, channel = _channel_slopes(e, a, ch_axis, unit)
         if slope >= stats.max_slope:
             stats.max_slope, stats.slope_channel = slope, channel
     stats.total = int(diff.size)
@@ -410,9 +421,10 @@ def _site_reference(e: np.ndarray, x: Optional[np.ndarray], channel_axis: Option
             pre = np.where(sx > 0, se / sx * mx, 0.0)
         R = np.maximum(np.where(sx > 0, pre, channel), floor)
         if m is not None and m.shape == e.shape:
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 gain = np.where(sx > 0, se / sx, 0.0)
-            R = np.maximum(R, gain * np.where(np.isnan(m), 0.0, m))
+                terms = gain * m  # m is inf where the probe overflowed its dtype: no limit there
+            R = np.maximum(R, np.where(np.isnan(terms), 0.0, terms))
     elif direct and m is not None and m.shape == e.shape:
         R = np.maximum(R, np.where(np.isnan(m), 0.0, m))
     if tensor_scale == 0:
