@@ -119,6 +119,8 @@ def _read_report(path: str) -> Dict[str, Any]:
               help="onnxruntime optimization levels to measure: disable, basic, extended, all.")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model and level.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--sessions", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Session creations timed per model and level (median and min-max reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: ORT's choice).")
 @click.option("--provider", type=_PROVIDER_CHOICE, default="cpu", show_default=True)
 @click.option("--shape", "shape", multiple=True, metavar="NAME:DIMS", help="Input shape, e.g. x:8x3x224x224. Repeatable.")
@@ -126,10 +128,10 @@ def _read_report(path: str) -> Dict[str, Any]:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "json_path", metavar="FILE", help="Write all timings as JSON (- for stdout).")
 @handles_errors
-def bench(model, other, levels, runs, warmup, threads, provider, shape, seed, progress, json_path):
+def bench(model, other, levels, runs, warmup, sessions, threads, provider, shape, seed, progress, json_path):
     """Measure onnxruntime latency of MODEL, or of MODEL and OTHER side by side (interleaved).
 
-    Ratios are OTHER / MODEL: below 1 means OTHER is faster or smaller.
+    Every ratio is second / first (OTHER / MODEL): below 1 means OTHER is faster or smaller.
     """
     from ..latency import bench as run_bench
 
@@ -141,6 +143,7 @@ def bench(model, other, levels, runs, warmup, threads, provider, shape, seed, pr
         threads=threads,
         warmup=warmup,
         runs=runs,
+        sessions=sessions,
         seed=seed,
         shapes=parse_shapes(shape),
         progress=progress,

@@ -106,8 +106,8 @@ def check(
     expose_orig, expose_fold = site_tensors(sites)
     run = dict(ort_opt=ort_opt, provider=provider, threads=threads)
     runners = [
-        OrtRunner(original, label=orig_iface.label, extra_outputs=expose_orig, **run),
-        OrtRunner(folded, label=fold_iface.label, extra_outputs=expose_fold, **run),
+        OrtRunner(original, label=orig_iface.label, extra_outputs=expose_orig, relax_zero_dims=orig_iface.zero_dims, **run),
+        OrtRunner(folded, label=fold_iface.label, extra_outputs=expose_fold, relax_zero_dims=fold_iface.zero_dims, **run),
     ]
     out_names = [o.name for o in orig_iface.outputs]
     fold_out_names = [o.name for o in fold_iface.outputs]
@@ -181,7 +181,7 @@ def _stitched_run(original, orig_iface, sites, feeds, inner, run, notes):
     extra = [n + CUT for n in names] + list(dict.fromkeys(befores)) + [p + MAGNITUDE for p in probes if p + MAGNITUDE in made]
     try:
         runner = OrtRunner(proto, label=f"{orig_iface.label} (fed the folded model's site values)", external_folder=folder,
-                           extra_outputs=extra, **run)
+                           extra_outputs=extra, relax_zero_dims=orig_iface.zero_dims, **run)
         return [{**runner.run({**feed, **{n: fold_values[n] for n in names}}), **{n: fold_values[n] for n in names}}
                 for feed, (_, fold_values) in zip(feeds, inner)]
     except InputError as exc:

@@ -39,6 +39,7 @@ class Interface:
     # Initializers a graph input of the same name can override (IR >= 4), with the
     # initializer's dtype and shape: the check feeds them like inputs in later batches.
     overridable: List[TensorSpec] = field(default_factory=list)
+    zero_dims: bool = False  # an input dim written as 0 (unknown): onnxruntime needs it cleared
     proto: Any = field(default=None, repr=False)  # the ModelProto read (without external data)
 
 
@@ -96,7 +97,9 @@ def read_interface(model: ModelLike) -> Interface:
     if proto.ir_version >= 4:  # below IR 4 every initializer is listed as an input: weights, not an interface
         inits = {t.name: t for t in graph.initializer}
         overridable = [TensorSpec(n, inits[n].data_type, [int(d) for d in inits[n].dims]) for n in optional if n in inits]
-    return Interface(inputs, optional, outputs, model_label(model), overridable, proto)
+    zero = any(d.HasField("dim_value") and d.dim_value == 0 for vi in graph.input if vi.name not in init_names
+               for d in vi.type.tensor_type.shape.dim)
+    return Interface(inputs, optional, outputs, model_label(model), overridable=overridable, zero_dims=zero, proto=proto)
 
 
 def _spec(vi, label: str, strict: bool = True) -> TensorSpec:
@@ -140,6 +143,8 @@ def is_float_dtype(dtype: np.dtype) -> bool:
 def one_line(text: str, limit: int = 400) -> str:
     """ORT messages span lines and carry C++ file positions; keep one readable line."""
     text = re.sub(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", text)
+    # C++ positions and signatures: "reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(...) "
+    text = re.sub(r"\S+\.(?:h|cc|cpp|hpp):\d+\s+(?:[\w:~<>]+\([^()]*(?:\([^()]*\)[^()]*)*\)\s*)?", "", text)
     text = re.sub(r"\s+", " ", text).strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -83,6 +83,7 @@ class OrtRunner:
         label: Optional[str] = None,
         extra_outputs: Sequence[str] = (),
         external_folder: Optional[str] = None,
+        relax_zero_dims: bool = False,
     ) -> None:
         ort = import_ort()
         self.label = label or model_label(model)
@@ -100,8 +101,8 @@ class OrtRunner:
         providers = _providers(ort, provider, tf32)
         if external_folder is not None:  # a ModelProto whose external data lives beside a file
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
-        if extra_outputs:
-            source = self._with_outputs(model, extra_outputs, options)
+        if extra_outputs or relax_zero_dims:
+            source = self._with_outputs(model, extra_outputs, options, relax_zero_dims)
         else:
             source = self._source(model)
         start = time.perf_counter()
@@ -130,9 +131,10 @@ class OrtRunner:
         except Exception as exc:  # e.g. a proto over 2 GiB
             raise InputError(f"{self.label}: cannot serialize the model for onnxruntime ({one_line(str(exc))}); save it with external data and pass the path") from None
 
-    def _with_outputs(self, model: ModelLike, names: Sequence[str], options):
-        """A private in-memory copy that also returns ``names``; a model on disk keeps reading its
-        external data from its own folder. The model file is never written."""
+    def _with_outputs(self, model: ModelLike, names: Sequence[str], options, relax_zero_dims: bool = False):
+        """A private in-memory copy that also returns ``names`` (and, with ``relax_zero_dims``,
+        whose input dims written as 0 are unknown); a model on disk keeps reading its external
+        data from its own folder. The model file is never written."""
         from .sites import with_outputs
 
         if isinstance(model, (str, os.PathLike)):
@@ -140,7 +142,17 @@ class OrtRunner:
             folder = os.path.dirname(os.path.abspath(os.fspath(model)))
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             model = load_proto(model)
-        return self._source(with_outputs(model, names))
+        copy = with_outputs(model, names)
+        if relax_zero_dims:
+            inits = {t.name for t in copy.graph.initializer}
+            for vi in copy.graph.input:
+                if vi.name in inits:
+                    continue
+                for i, d in enumerate(vi.type.tensor_type.shape.dim):
+                    if d.HasField("dim_value") and d.dim_value == 0:
+                        d.Clear()
+                        d.dim_param = f"unknown_{vi.name}_{i}"
+        return self._source(copy)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         try:
