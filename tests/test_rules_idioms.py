@@ -1,0 +1,209 @@
+"""Exporter idioms around the linear ops (issue 11, items 2-4): MatMul and its bias as one Gemm,
+a Mul (or Add/Sub/Div) by a constant before a linear op, and Mul/Div by 1 / Add/Sub of 0.
+
+Each fold is checked with onnxruntime at ORT_DISABLE_ALL on seeded inputs (rules_helpers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_models import GraphBuilder, op_types
+from rules_helpers import fold_ok, refuse_ok, skipped_reasons
+
+RNG = np.random.default_rng(11)
+
+
+def vec(shape, low=0.5, high=1.5):
+    return RNG.uniform(low, high, size=shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- MatMul + bias -> Gemm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_matmul_bn_on_a_2d_input_is_one_gemm(dtype):
+    g = GraphBuilder(seed=1, dtype=dtype)
+    x = g.input("x", ["N", 6])
+    g.node("MatMul", [x, g.init("W", g.weight((6, 4)))], "h", "matmul")
+    g.output(g.bn("h", "bn", 4))
+    out, _ = fold_ok(g.model(), {"bn": "matmul-bn"})
+    assert op_types(out.graph) == ["Gemm"]
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (1, 4)])
+def test_matmul_add_bn_on_a_2d_input_is_one_gemm(bias_shape):
+    g = GraphBuilder(seed=2)
+    x = g.input("x", [3, 6])
+    g.node("MatMul", [x, g.init("W", g.weight((6, 4)))], "h", "matmul")
+    g.node("Add", ["h", g.init("bias", vec(bias_shape))], "a", "bias_add")
+    g.output(g.bn("a", "bn", 4))
+    out, _ = fold_ok(g.model(), {"bn": "matmul-bn", "bias_add": "matmul-gemm"})
+    assert op_types(out.graph) == ["Gemm"]
+
+
+def test_matmul_bn_on_a_3d_input_keeps_matmul_and_add():
+    g = GraphBuilder(seed=3)
+    x = g.input("x", ["N", 5, 6])
+    g.node("MatMul", [x, g.init("W", g.weight((6, 4)))], "h", "matmul")
+    h = g.node("Transpose", ["h"], "t", "t", perm=[0, 2, 1]).output[0]
+    g.output(g.bn(h, "bn", 4))
+    out, _ = fold_ok(g.model(), {"bn": "matmul-layout-bn"})
+    assert op_types(out.graph) == ["MatMul", "Add", "Transpose"]
+
+
+def test_matmul_gemm_keeps_the_graph_output_name():
+    g = GraphBuilder(seed=4)
+    x = g.input("x", [3, 6])
+    g.node("MatMul", [x, g.init("W", g.weight((6, 4)))], "h", "matmul")
+    g.output(g.node("Add", ["h", g.init("bias", vec((4,)))], "y", "bias_add").output[0])
+    out, _ = fold_ok(g.model(), {"bias_add": "matmul-gemm"})
+    assert [o.name for o in out.graph.output] == ["y"] and out.graph.node[0].output[0] == "y"
+
+
+# ---------------------------------------------------------------- Mul/Add before a linear op
+
+
+def mul_before(op, const, pads=None, data_shape=None, kind="Mul", pos=1):
+    g = GraphBuilder(seed=5)
+    x = g.input("x", data_shape or ([2, 4, 6, 6] if "Conv" in op else [3, 4]))
+    r = g.node("Relu", [x], "r", "relu").output[0]
+    ins = [r, g.init("c", const)] if pos == 1 else [g.init("c", const), r]
+    m = g.node(kind, ins, "m", "mul").output[0]
+    if op == "Conv":
+        y = g.conv(m, "lin", 4, 5, (3, 3), pads=pads or [0, 0, 0, 0])
+    elif op == "ConvTranspose":
+        y = g.conv(m, "lin", 4, 6, (3, 3), group=2, op="ConvTranspose", strides=[2, 2])
+    elif op == "Gemm":
+        y = g.node("Gemm", [m, g.init("W", g.weight((5, 4))), g.init("C", g.weight((5,)))], "y", "lin",
+                   transB=1, alpha=0.5).output[0]
+    else:
+        y = g.node("MatMul", [m, g.init("W", g.weight((4, 5)))], "y", "lin").output[0]
+    g.output(y)
+    return g.model()
+
+
+@pytest.mark.parametrize("op,const", [
+    ("Conv", np.float32(0.5)),
+    ("Conv", vec((1, 4, 1, 1))),
+    ("Conv", vec((4, 1, 1))),
+    ("ConvTranspose", vec((4, 1, 1))),
+    ("ConvTranspose", np.float32(0.5)),
+    ("Gemm", vec((4,))),
+    ("MatMul", vec((1, 4))),
+    ("MatMul", np.float32(0.5)),
+])
+def test_mul_by_a_constant_before_a_linear_op_folds(op, const):
+    out, _ = fold_ok(mul_before(op, const), {"mul": f"affine-{op.lower()}"})
+    assert "Mul" not in op_types(out.graph)
+
+
+def test_mul_before_a_zero_padded_conv_folds():
+    """0 * s = 0: scaling before zero padding is exact."""
+    fold_ok(mul_before("Conv", vec((1, 4, 1, 1)), pads=[1, 1, 1, 1]), {"mul": "affine-conv"})
+
+
+def test_mul_before_matmul_on_a_3d_input_folds():
+    """MatMul reads the last axis of any rank: a per-feature scale there folds."""
+    fold_ok(mul_before("MatMul", vec((4,)), data_shape=[2, 3, 4]), {"mul": "affine-matmul"})
+
+
+@pytest.mark.parametrize("kind", ["Add", "Sub"])
+def test_add_before_an_unpadded_conv_folds(kind):
+    fold_ok(mul_before("Conv", vec((1, 4, 1, 1)), kind=kind), {"mul": "affine-conv"})
+
+
+@pytest.mark.parametrize("kind,pos", [("Add", 1), ("Sub", 1), ("Sub", 0)])
+def test_add_before_a_padded_conv_stays(kind, pos):
+    refuse_ok(mul_before("Conv", vec((1, 4, 1, 1)), pads=[1, 1, 1, 1], kind=kind, pos=pos), "mul", None)
+
+
+def test_add_before_convtranspose_stays():
+    refuse_ok(mul_before("ConvTranspose", vec((4, 1, 1)), kind="Add"), "mul", None)
+
+
+@pytest.mark.parametrize("const", [vec((6,)), vec((4, 6, 1)), vec((1, 1, 6, 1))])
+def test_mul_not_per_input_channel_stays(const):
+    """A [6] constant lands on the width axis, a [4, 6, 1] one varies along H: neither is per channel."""
+    refuse_ok(mul_before("Conv", const), "mul", None)
+
+
+def test_div_of_a_constant_by_the_data_stays():
+    refuse_ok(mul_before("Conv", vec((1, 4, 1, 1)), kind="Div", pos=0), "mul", None)
+
+
+def test_mul_read_by_a_non_linear_op_too_stays():
+    g = GraphBuilder(seed=6)
+    x = g.input("x", [2, 4, 6, 6])
+    m = g.node("Mul", [x, g.init("c", np.float32(0.5))], "m", "mul").output[0]
+    g.output(g.conv(m, "conv", 4, 5, (1, 1)))
+    g.output(g.node("Relu", [m], "r", "relu").output[0])
+    refuse_ok(g.model(), "mul", None)
+
+
+def test_mul_read_by_two_convs_folds_into_both():
+    g = GraphBuilder(seed=7)
+    x = g.input("x", [2, 4, 6, 6])
+    m = g.node("Mul", [x, g.init("c", vec((1, 4, 1, 1)))], "m", "mul").output[0]
+    g.output(g.conv(m, "c1", 4, 5, (1, 1)))
+    g.output(g.conv(m, "c2", 4, 3, (3, 3), pads=[1, 1, 1, 1]))
+    out, _ = fold_ok(g.model(), {"mul": "affine-conv"})
+    assert op_types(out.graph) == ["Conv", "Conv"]
+
+
+# ---------------------------------------------------------------- no-op elimination
+
+
+def noop_model(kind, const, pos=1, shape=(2, 4, 3), output_is_noop=True):
+    g = GraphBuilder(seed=8)
+    x = g.input("x", list(shape))
+    r = g.node("Sigmoid", [x], "s", "sig").output[0]
+    ins = [r, g.init("c", const)] if pos == 1 else [g.init("c", const), r]
+    y = g.node(kind, ins, "y" if output_is_noop else "n", "noop").output[0]
+    if not output_is_noop:
+        y = g.node("Relu", [y], "y", "relu").output[0]
+    g.output(y)
+    return g.model()
+
+
+@pytest.mark.parametrize("kind,const,pos", [
+    ("Mul", np.array([1.0], np.float32), 1),
+    ("Mul", np.ones((1, 4, 1), np.float32), 0),
+    ("Div", np.float32(1.0), 1),
+    ("Add", np.zeros((3,), np.float32), 1),
+    ("Add", np.float32(0.0), 0),
+    ("Sub", np.zeros((4, 3), np.float32), 1),
+])
+@pytest.mark.parametrize("output_is_noop", [True, False])
+def test_noop_is_removed(kind, const, pos, output_is_noop):
+    out, report = fold_ok(noop_model(kind, const, pos, output_is_noop=output_is_noop), {})
+    assert kind not in op_types(out.graph)
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert [(e["node"], e["rule"]) for e in report.extra["noops_removed"]] == [("noop", "noop")]
+
+
+@pytest.mark.parametrize("kind,const,pos", [
+    ("Mul", np.ones((2, 2, 4, 3), np.float32), 1),  # broadcasts the value to a bigger shape
+    ("Add", np.zeros((3, 1, 1, 1), np.float32), 1),  # idem
+    ("Sub", np.float32(0.0), 0),  # 0 - x is not x
+    ("Div", np.float32(1.0), 0),  # 1 / x is not x
+    ("Mul", np.array([1.0, 2.0, 1.0], np.float32), 1),  # not all ones
+])
+def test_not_a_noop_stays(kind, const, pos):
+    out, report = refuse_ok(noop_model(kind, const, pos), "noop", None)
+    assert "noops_removed" not in report.extra
+
+
+def test_noop_on_a_graph_input_read_as_output_stays_named():
+    """y = x * 1 with x a graph input: y must stay a graph output of its own."""
+    g = GraphBuilder(seed=9)
+    x = g.input("x", [2, 3])
+    g.output(g.node("Mul", [x, g.init("one", np.float32(1))], "y", "noop").output[0])
+    out, _ = refuse_ok(g.model(), "noop", None)
+    assert [o.name for o in out.graph.output] == ["y"]
+
+
+def test_refusals_of_the_idioms_are_not_reported_as_bns():
+    out, report = refuse_ok(mul_before("Conv", vec((1, 4, 1, 1)), pads=[1, 1, 1, 1], kind="Add"), "mul", None)
+    assert skipped_reasons(report) == {}
