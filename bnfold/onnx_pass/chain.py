@@ -53,7 +53,7 @@ def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Option
     node = users[0]
     if list(node.input).count(value) != 1:
         return None, Refusal("producer-has-other-consumers", f"'{value}' is read twice by {node_label(node)}")
-    if rw.is_removed(node):
+    if rw.is_removed(node) or not node.output or not node.output[0]:
         return None, None
     return node, None
 
@@ -108,7 +108,7 @@ def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: 
     axis = _known_rank(rw, axis, value)
     if axis.pos is None:
         raise Refusal("shape-unknown", f"the rank of '{value}' is unknown: the BN normalizes axis 1, the channels may be elsewhere")
-    if axis.pos != 1 or axis.rank < 2:
+    if axis.pos != 1 or (axis.rank is not None and axis.rank < 2):
         raise Refusal(
             "not-per-channel",
             f"the BN normalizes axis 1 of a {axis.rank}-D value; the linear op's channels are on axis {axis.pos}",

@@ -98,7 +98,9 @@ class Ledger:
             self.why.setdefault(id(o.node), o.refusal)
 
     def _record_elementwise(self, o: Outcome) -> None:
-        if not o.into:  # removed as a no-op
+        if not o.into:
+            if not o.folded:  # a node a rule gave up on, outside any run of its own: nothing to say
+                return
             entry = {"node": self.rw.label(o.node), "op": o.node.op_type, "rule": o.rule, "graph": self.rw.path}
             self.report.extra.setdefault(NOOPS_REMOVED, []).append(entry)
             return
@@ -124,21 +126,31 @@ def _fold_graph(graph: GraphProto, scope: Scope, ctx: FoldContext, path: str) ->
     nodes = list(graph.node)
     for node in nodes:
         if is_linear(node) and not rw.is_removed(node):
-            ledger.record(fold_after_linear(rw, node))
+            ledger.record(_run(fold_after_linear, rw, node))
     for node in nodes:
         if is_batchnorm(node) and id(node) not in ledger.folded and not rw.is_removed(node):
-            ledger.record(merge_into_bn(rw, node))
-            ledger.settle(node, fold_before_linear(rw, node))
+            ledger.record(_run(merge_into_bn, rw, node))
+            ledger.settle(node, _run(fold_before_linear, rw, node)[0])
     for node in nodes:
         if not rw.is_removed(node):
-            ledger.record(filter(None, [remove_noop(rw, node)]))
+            ledger.record(_run(remove_noop, rw, node))
     for node in nodes:
-        if not rw.is_removed(node):
-            outcome = fold_elementwise_before_linear(rw, node)
-            if outcome is not None and outcome.folded:  # a refusal here is not reported
-                ledger.record([outcome])
+        if not rw.is_removed(node):  # a refusal here is not reported: most are no candidates
+            ledger.record(o for o in _run(fold_elementwise_before_linear, rw, node) if o.folded)
     rw.commit()
     ctx.orphans.extend(rw.orphans)
+
+
+def _run(rule, rw: GraphRewrite, node: NodeProto) -> List[Outcome]:
+    """The outcomes of ``rule`` on ``node`` as a list. Rules plan before they edit, so one that
+    lets a Refusal escape has changed nothing: the node is then left with that reason."""
+    try:
+        outcomes = rule(rw, node)
+    except Refusal as why:
+        return [Outcome(node, refusal=why)]
+    if outcomes is None:
+        return []
+    return [outcomes] if isinstance(outcomes, Outcome) else list(outcomes)
 
 
 def _no_producer(producer) -> Refusal:

@@ -16,7 +16,7 @@ positions, so ``W b`` is no per-channel bias there.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -103,8 +103,7 @@ class Conv(LinearOp):
         auto_pad = attr(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            dilations = attr(conv, "dilations", None) or [1] * (self.weight.ndim - 2)
-            if any((k - 1) * d for k, d in zip(self.weight.shape[2:], dilations)):
+            if any(self._same_padding()):
                 raise Refusal("padded-conv", f"auto_pad={auto_pad} pads the input of conv '{node_label(conv)}'")
             return
         if auto_pad == "VALID":
@@ -112,3 +111,22 @@ class Conv(LinearOp):
         pads = attr(conv, "pads", None)
         if pads and any(int(p) for p in pads):
             raise Refusal("padded-conv", f"conv '{node_label(conv)}' pads its input ({list(pads)})")
+
+    def _same_padding(self) -> List[Optional[int]]:
+        """The total padding SAME_* adds on each spatial axis (None where the input size is
+        unknown and the kernel is wider than one): ``(ceil(n / s) - 1) * s + (k - 1) * d + 1 - n``."""
+        spatial = self.weight.ndim - 2
+        dilations = attr(self.node, "dilations", None) or [1] * spatial
+        strides = attr(self.node, "strides", None) or [1] * spatial
+        shape = self.rw.shape(self.node.input[0])
+        sizes = list(shape[2:]) if shape is not None and len(shape) == spatial + 2 else [None] * spatial
+        out = []
+        for k, d, s, n in zip(self.weight.shape[2:], dilations, strides, sizes):
+            reach = (int(k) - 1) * int(d)
+            if reach == 0:
+                out.append(0)  # a 1-wide kernel never needs padding
+            elif n is None or int(s) < 1:
+                out.append(None)
+            else:
+                out.append(max(0, (-(-int(n) // int(s)) - 1) * int(s) + reach + 1 - int(n)))
+        return out

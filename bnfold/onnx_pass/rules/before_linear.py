@@ -97,6 +97,8 @@ def _reads_as_data(node: NodeProto, y: str) -> bool:
 
 
 def _fold(rw: GraphRewrite, bn: NodeProto):
+    if not bn.output or not bn.output[0]:
+        raise Refusal("malformed-node", "the BN has no output")
     y = bn.output[0]
     users = list(rw.consumers(y))
     if not any(u.op_type in CONSUMERS and u.domain in ("", "ai.onnx") for u in users):
@@ -140,9 +142,12 @@ def _plan(rw: GraphRewrite, node: NodeProto, y: str, a, b, rank: Optional[int]) 
 def _flatten_plan(rw: GraphRewrite, flatten: NodeProto, y: str, a, b) -> Plan:
     """BN2d -> Flatten(axis=1) -> Gemm/MatMul: channel ``c`` becomes features ``c*HW .. c*HW+HW-1``."""
     label = f"Flatten '{node_label(flatten)}'"
-    if int(attr(flatten, "axis", 1)) != 1:
-        raise Refusal("not-per-channel", f"{label} does not flatten from axis 1")
     shape = rw.shape(y) or rw.shape(flatten.input[0])
+    axis = int(attr(flatten, "axis", 1))
+    if axis < 0 and shape is not None:
+        axis += len(shape)  # Flatten(axis=-3) of a 4-D value is Flatten(axis=1)
+    if axis != 1:
+        raise Refusal("not-per-channel" if axis >= 0 else "shape-unknown", f"{label} does not flatten from axis 1")
     if shape is None or len(shape) < 2 or any(d is None for d in shape[2:]):
         raise Refusal("shape-unknown", f"the spatial size before {label} is unknown")
     block = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
