@@ -7,7 +7,7 @@ Add after it -- or, when the input is known to be 2-D, the MatMul and its bias b
 After: ``a * (x W) + b`` scales the weight's columns; ``b`` (when not zero) becomes the Gemm's C,
 or an Add.
 Before: ``(a * x + b) W`` scales its rows; ``b W`` joins the constant bias of an Add that is
-the MatMul's sole reader, or becomes a new Add. The caller checks that the input is 2-D (a
+the MatMul's sole reader, or becomes the C of a Gemm (input known 2-D) or a new Add. The caller checks that the input is 2-D (a
 BN's channels are axis 1, the features MatMul reads are the last axis).
 """
 
@@ -60,12 +60,7 @@ class MatMul(LinearOp):
         def edit():
             w = matmul.input[1] if new_w is None else rw.add_initializer(f"{base}_bnfold_W", new_w)
             if gemm:
-                node = helper.make_node("Gemm", [matmul.input[0], w, rw.add_initializer(f"{base}_bnfold_bias", new_c)],
-                                        list(matmul.output), name=matmul.name)
-                if new_w is not None:
-                    rw.orphan([matmul.input[1]])
-                rw.replace_node(matmul, node)
-                return node
+                return self._replace_by_gemm(w, new_c)
             if new_w is not None:
                 rw.set_input(matmul, 1, w)
             if new_c is None:
@@ -83,10 +78,15 @@ class MatMul(LinearOp):
             new_bias = cast_back(combine_bias(value.astype(np.float64), np.ones_like(shift), shift), self.dtype, "bias")
         else:
             new_bias = cast_back(shift, self.dtype, "bias")
+        gemm = bias_add is None and self.writes_gemm(shift)  # (with an Add, it is a Gemm already)
         rw, matmul, base = self.rw, self.node, self.base
 
         def edit():
-            rw.set_input(matmul, 1, rw.add_initializer(f"{base}_bnfold_W", new_w))
+            w = rw.add_initializer(f"{base}_bnfold_W", new_w)
+            if gemm:
+                self._replace_by_gemm(w, new_bias)
+                return
+            rw.set_input(matmul, 1, w)
             if bias_add is not None and np.any(shift != 0):
                 old = add.input[pos]
                 rw.set_input(add, pos, rw.add_initializer(f"{base}_bnfold_bias", new_bias))
@@ -95,6 +95,16 @@ class MatMul(LinearOp):
                 rw.add_after(matmul, rw.add_initializer(f"{base}_bnfold_bias", new_bias), base)
 
         return edit
+
+    def _replace_by_gemm(self, w: str, c: np.ndarray) -> NodeProto:
+        """Edit: a Gemm(x, w, c) takes the MatMul's place and output names."""
+        rw, matmul = self.rw, self.node
+        bias = rw.add_initializer(f"{self.base}_bnfold_bias", c)
+        node = helper.make_node("Gemm", [matmul.input[0], w, bias], list(matmul.output), name=matmul.name)
+        if w != matmul.input[1]:
+            rw.orphan([matmul.input[1]])
+        rw.replace_node(matmul, node)
+        return node
 
 
 def _bias_add(rw: GraphRewrite, matmul: NodeProto) -> Optional[Tuple[NodeProto, int, np.ndarray]]:

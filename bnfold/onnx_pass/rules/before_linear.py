@@ -84,7 +84,7 @@ def fold_elementwise_before_linear(rw: GraphRewrite, node: NodeProto) -> Optiona
         return Outcome(node, into=users, refusal=why)
     for _, edit in plans:
         edit()
-    for u in users:
+    for u in list(rw.consumers(y)):  # the readers now (an edit may have replaced one)
         rw.replace_input(u, y, data)
     rw.drop_node(node)
     rw.drop_dead_constant(node.input[pos])
@@ -110,7 +110,7 @@ def _fold(rw: GraphRewrite, bn: NodeProto):
     plans = [_plan(rw, u, y, affine.a, affine.b, rank) for u in users]  # all checks first
     for _, edit in plans:
         edit()
-    for u in users:
+    for u in list(rw.consumers(y)):  # the readers now (an edit may have replaced one)
         rw.replace_input(u, y, bn.input[0])
     rw.drop_node(bn)
     rw.orphan(bn.input[1:])
