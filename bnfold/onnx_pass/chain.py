@@ -27,13 +27,13 @@ from .rules import Outcome
 
 @dataclass
 class Step:
-    """One node of a chain: ``kind`` is noop, layout, affine or bn; ``a``/``b`` its map."""
+    """One node of a chain: ``kind`` is noop, layout, elementwise or bn; ``a``/``b`` its map."""
 
     node: NodeProto
     kind: str
     a: Optional[np.ndarray] = None
     b: Optional[np.ndarray] = None
-    const: str = ""  # the constant operand of an affine op
+    const: str = ""  # the constant operand of an elementwise op
     after_layout: bool = False  # a layout op lies between the linear op and this step
 
 
@@ -94,7 +94,7 @@ def walk(
                 a, b = per_channel(node, operand[0], operand[1], axis, channels)
             except Refusal as why:
                 return steps, [], (node, why)
-            step = Step(node, "affine", a, b, const=node.input[operand[0]])
+            step = Step(node, "elementwise", a, b, const=node.input[operand[0]])
         step.after_layout = seen_layout
         steps.append(step)
         value = node.output[0]
@@ -143,7 +143,7 @@ def _bns_ahead(rw: GraphRewrite, node: NodeProto, limit: int = 16) -> List[NodeP
 
 
 def foldable_prefix(steps: List[Step]) -> List[Step]:
-    last = max((i for i, s in enumerate(steps) if s.kind in ("affine", "bn")), default=-1)
+    last = max((i for i, s in enumerate(steps) if s.kind in ("elementwise", "bn")), default=-1)
     return steps[: last + 1]
 
 
@@ -151,7 +151,7 @@ def compose(steps: List[Step], channels: int) -> Tuple[np.ndarray, np.ndarray]:
     """The affine steps as one map ``a * x + b`` (float64), first step applied first."""
     a, b = np.ones(channels), np.zeros(channels)
     for s in steps:
-        if s.kind in ("affine", "bn"):
+        if s.kind in ("elementwise", "bn"):
             a, b = s.a * a, s.a * b + s.b
     return a, b
 
@@ -190,7 +190,7 @@ def rewire(rw: GraphRewrite, head: NodeProto, steps: List[Step], drop_layout: bo
         pending = s.node.output[0]
         if s.kind == "bn":
             rw.orphan(s.node.input[1:])
-        elif s.kind == "affine":
+        elif s.kind == "elementwise":
             rw.drop_dead_constant(s.const)
     if pending is not None:
         rw.rename_output(live_node, live_value, pending)

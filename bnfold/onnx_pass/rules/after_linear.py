@@ -57,7 +57,7 @@ def fold_after_linear(rw: GraphRewrite, linear: NodeProto) -> List[Outcome]:
     try:
         edit = op.after(a, b)
     except Refusal as why:
-        return left + [Outcome(s.node, into=[linear], refusal=why) for s in prefix if s.kind in ("bn", "affine")]
+        return left + [Outcome(s.node, into=[linear], refusal=why) for s in prefix if s.kind in ("bn", "elementwise")]
     head = edit()  # a MatMul's folded bias goes into a Gemm or an Add right after it: the new head
     rewire(rw, head, prefix, drop_layout)
     return left + _folded(linear, op.kind, prefix, gemm)
@@ -78,7 +78,7 @@ def _folded(linear: NodeProto, kind: str, steps: List[Step], gemm: bool) -> List
         if s.kind == "bn":
             out.append(Outcome(s.node, f"{kind}-{layout}bn", [linear]))
             in_run = bias_add = False
-        elif s.kind == "affine":
+        elif s.kind == "elementwise":
             if bias_add and s.node.op_type == "Add" and not s.after_layout:
                 bias_add = False
                 if gemm:

@@ -57,7 +57,7 @@ def merge_into_bn(rw: GraphRewrite, bn: NodeProto) -> List[Outcome]:
         if s.kind == "bn":
             out.append(Outcome(s.node, "bn-bn", [bn]))
             in_run = False
-        elif s.kind == "affine":
+        elif s.kind == "elementwise":
             if not in_run:
                 out.append(Outcome(s.node, "bn-affine", [bn]))
             in_run = True
