@@ -7,6 +7,7 @@ Each fold is checked with onnxruntime at ORT_DISABLE_ALL on seeded inputs (rules
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from onnx_models import GraphBuilder, op_types
@@ -131,6 +132,30 @@ def test_mul_not_per_input_channel_stays(const):
 
 def test_div_of_a_constant_by_the_data_stays():
     refuse_ok(mul_before("Conv", vec((1, 4, 1, 1)), kind="Div", pos=0), "mul", None)
+
+
+def test_add_before_a_matmul_without_a_bias_stays():
+    """On an input not known 2-D the shift would only move to a new Add after the MatMul."""
+    refuse_ok(mul_before("MatMul", vec((4,)), data_shape=[2, 3, 4], kind="Add"), "mul", None)
+
+
+def test_add_before_a_2d_matmul_becomes_a_gemm():
+    out, _ = fold_ok(mul_before("MatMul", vec((4,)), kind="Add"), {"mul": "affine-matmul"})
+    assert op_types(out.graph) == ["Relu", "Gemm"]
+
+
+def test_noop_read_inside_a_subgraph_stays():
+    g = GraphBuilder(seed=10)
+    x = g.input("x", [2, 3])
+    g.input("cond", [], np.bool_)
+    y = g.node("Mul", [x, g.init("one", np.float32(1))], "m", "noop").output[0]
+    branch = lambda name: onnx.helper.make_graph(  # noqa: E731
+        [onnx.helper.make_node("Relu", [y], [f"{name}_out"], name=f"{name}_relu")], name, [],
+        [onnx.helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, [2, 3])])
+    g.node("If", ["cond"], "z", "if", then_branch=branch("t"), else_branch=branch("e"))
+    g.output("z", [2, 3])
+    for cond in (True, False):
+        refuse_ok(g.model(), "noop", None, feeds={"cond": np.array(cond)})
 
 
 def test_mul_read_by_a_non_linear_op_too_stays():

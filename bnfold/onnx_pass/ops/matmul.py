@@ -50,6 +50,10 @@ class MatMul(LinearOp):
             return False
         return self.dtype in (np.float16, np.float32, np.float64) or self.rw.opset >= 13
 
+    def needs_new_add(self, b: np.ndarray) -> bool:
+        """Whether absorbing a map with shift ``b`` before it needs a new Add after it."""
+        return bool(np.any(b != 0)) and _bias_add(self.rw, self.node) is None and not self.writes_gemm(b)
+
     def after(self, a: np.ndarray, b: np.ndarray) -> Edit:
         w64, c64 = fold_after(self.weight, None, a, b, axis=1)
         new_w = None if np.all(a == 1) else cast_back(w64, self.dtype, "weight")  # a bias alone keeps W

@@ -79,6 +79,8 @@ def fold_elementwise_before_linear(rw: GraphRewrite, node: NodeProto) -> Optiona
             op = linear_op(rw, u)
             axis, channels = op.input_axis()
             a, b = per_channel(node, pos, value, axis, channels)
+            if op.kind == "matmul" and op.needs_new_add(b):
+                raise Refusal("consumer-cannot-absorb", "the shift would only move to a new Add after the MatMul")
             plans.append((op.kind, op.before(a, b)))
     except Refusal as why:
         return Outcome(node, into=users, refusal=why)

@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 from onnx import NodeProto
 
+from ..graph import subgraphs
 from ..ops.elementwise import ELEMENTWISE_OPS, constant_operand
 from ..rewrite import GraphRewrite
 from . import Outcome
@@ -51,7 +52,8 @@ def remove_noop(rw: GraphRewrite, node: NodeProto) -> Optional[Outcome]:
         rw.rename_output(producer, data, y)
     else:
         users = list(rw.consumers(y))
-        if not all(y in u.input for u in users):  # read inside a subgraph: cannot be rewired
+        if not all(y in u.input and not any(True for _ in subgraphs(u)) for u in users):
+            return None  # a subgraph may read it by name: it cannot be rewired
             return None
         for u in users:
             rw.replace_input(u, y, data)
