@@ -232,3 +232,72 @@ def test_noop_on_a_graph_input_read_as_output_stays_named():
 def test_refusals_of_the_idioms_are_not_reported_as_bns():
     out, report = refuse_ok(mul_before("Conv", vec((1, 4, 1, 1)), pads=[1, 1, 1, 1], kind="Add"), "mul", None)
     assert skipped_reasons(report) == {}
+
+
+# ---------------------------------------------------------------- random chains of the idioms
+
+
+def random_idiom_model(seed: int):
+    """Relu -> 1 to 3 random Mul/Add/Sub/Div by constants (scalars, per channel, per last axis,
+    ones and zeros, broadcasting ones) -> a random linear op."""
+    import random
+
+    rng = random.Random(seed)
+    g = GraphBuilder(seed=seed)
+    op = rng.choice(["Conv", "ConvTranspose", "Gemm", "MatMul", "MatMul3"])
+    shape, axis = {"Conv": ([2, 4, 5, 5], 1), "ConvTranspose": ([2, 4, 5, 5], 1), "MatMul3": ([2, 3, 4], 2)}.get(
+        op, ([3, 4], 1))
+    h = g.node("Relu", [g.input("x", shape)], "r", "relu").output[0]
+    for i in range(rng.randint(1, 3)):
+        kind = rng.choice(["Mul", "Add", "Sub", "Div"])
+        neutral = 1.0 if kind in ("Mul", "Div") else 0.0
+        pick = rng.random()
+        if pick < 0.25:
+            c = np.array(rng.uniform(0.5, 1.5), np.float32)
+        elif pick < 0.45:
+            c = np.full([1] * rng.randint(0, len(shape)), neutral, np.float32)
+        elif pick < 0.65:
+            dims = [1] * len(shape)
+            dims[axis] = shape[axis]
+            c = vec(dims[rng.randint(0, axis):])
+        elif pick < 0.8:
+            c = vec((shape[-1],))
+        else:
+            c = np.full([2] + shape[1:], neutral, np.float32) if shape[0] == 2 else np.float32(neutral)
+        if list(np.broadcast_shapes(tuple(shape), c.shape)) != shape:
+            continue
+        ins = [h, g.init(f"c{i}", c)] if kind == "Div" or rng.random() < 0.7 else [g.init(f"c{i}", c), h]
+        h = g.node(kind, ins, f"e{i}", f"e{i}").output[0]
+    if op == "Conv":
+        y = g.conv(h, "lin", 4, 3, (3, 3), pads=rng.choice([[0, 0, 0, 0], [1, 1, 1, 1]]), bias=rng.random() < 0.5)
+    elif op == "ConvTranspose":
+        y = g.conv(h, "lin", 4, 6, (3, 3), group=rng.choice([1, 2]), op="ConvTranspose", strides=[2, 2])
+    elif op == "Gemm":
+        tb = rng.randint(0, 1)
+        y = g.node("Gemm", [h, g.init("W", g.weight((5, 4) if tb else (4, 5))), g.init("C", g.weight((5,)))], "y",
+                   "lin", transB=tb, alpha=0.7, beta=1.3).output[0]
+    else:
+        y = g.node("MatMul", [h, g.init("W", g.weight((4, 5)))], "y", "lin").output[0]
+        if rng.random() < 0.5:
+            y = g.node("Add", [y, g.init("bias", g.weight((5,)))], "yb", "bias").output[0]
+    g.output(y)
+    return g.model()
+
+
+def test_random_idiom_chains_fold_exactly_or_stay():
+    """Each model folds to one that onnxruntime finds equivalent, or stays; over the draws every
+    idiom rule fires (BNFOLD_SLOW=1 draws 600 models instead of 60)."""
+    import os
+    from collections import Counter
+
+    from bnfold.onnx_pass import fold_onnx
+    from onnx_models import assert_equivalent, check_valid
+
+    fired = Counter()
+    for seed in range(600 if os.environ.get("BNFOLD_SLOW") == "1" else 60):
+        model = random_idiom_model(seed)
+        out, report = fold_onnx(model)
+        fired.update(e["rule"] for k in ("affine_folded", "noops_removed") for e in report.extra.get(k, []))
+        check_valid(out)
+        assert_equivalent(model, out, seed=seed)
+    assert {"noop", "affine-conv", "affine-gemm", "affine-matmul"} <= set(fired), fired
