@@ -19,8 +19,8 @@ Only what the ONNX IR forbids is refused, so every model onnxruntime would accep
   < 1 or a negative pad;
 - a tensor (initializer, Constant value, tensor attribute) of an unknown or undefined element
   type, a typed value (input, output, value_info) of an unknown element type;
-- a negative ``dim_value`` (ONNX dims are ``dim_value >= 0`` or a named ``dim_param``; some
-  runtimes read -1 as "unknown", but it is not valid ONNX);
+- a ``dim_value`` below -1 (ONNX dims are ``dim_value >= 0`` or a named ``dim_param``; -1 is
+  accepted and read as unknown, since exporters such as paddle2onnx write it and runtimes run it);
 - a value or node name that is not valid UTF-8.
 
 One pass over each graph; ops are looked up once per (op, domain). Undefined inputs, unknown
@@ -277,9 +277,9 @@ class _Validator:
                 _fail(where, f"{what} '{name}' has unknown element type {tt.elem_type}")
             if tt.HasField("shape"):
                 for k, d in enumerate(tt.shape.dim):
-                    if d.dim_value < 0:
+                    if d.dim_value < -1:  # -1 is how exporters (paddle2onnx) write "unknown"
                         _fail(where, f"{what} '{name}' has dimension {k} = {d.dim_value}; ONNX dimensions "
-                                     "are >= 0 (an unknown one is a named dim_param)")
+                                     "are >= 0 (an unknown one is a named dim_param, or -1)")
         elif kind == "sequence_type":
             self.value_type(tp.sequence_type.elem_type, name, where, what)
         elif kind == "optional_type":

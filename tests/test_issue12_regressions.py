@@ -389,14 +389,14 @@ X_2x3 = {"x": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)}  # for inpu
 @pytest.mark.parametrize(
     "make, other",
     [
-        pytest.param(flatten_constant_axis, None, id="flatten-constant-axis", marks=RULE_FIX),
-        pytest.param(overridable_reshape_target, _other_shape([4, 4, 1]), id="overridable-reshape-target", marks=RULE_FIX),
-        pytest.param(overridable_matmul_rank, _other_shape([1, 3, 4]), id="overridable-matmul-rank", marks=RULE_FIX),
-        pytest.param(bn_bn_unknown_rank, {"x": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 3, 2)}, id="bn-bn-unknown-rank", marks=RULE_FIX),
+        pytest.param(flatten_constant_axis, None, id="flatten-constant-axis"),
+        pytest.param(overridable_reshape_target, _other_shape([4, 4, 1]), id="overridable-reshape-target"),
+        pytest.param(overridable_matmul_rank, _other_shape([1, 3, 4]), id="overridable-matmul-rank"),
+        pytest.param(bn_bn_unknown_rank, {"x": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 3, 2)}, id="bn-bn-unknown-rank"),
         pytest.param(unsqueeze_0d_axes, X_2x3, id="unsqueeze-0d-axes"),  # passes on this path today
         pytest.param(axes_2d, X_2x3, id="axes-2d"),
-        pytest.param(squeeze_scalar_constant, None, id="squeeze-scalar-constant", marks=RULE_FIX),
-        pytest.param(reshape_target_inf, None, id="reshape-target-inf", marks=RULE_FIX),
+        pytest.param(squeeze_scalar_constant, None, id="squeeze-scalar-constant"),
+        pytest.param(reshape_target_inf, None, id="reshape-target-inf"),
     ],
 )
 def test_hostile_model_folds_exactly_or_is_left(tmp_path, make, other) -> None:
@@ -436,12 +436,10 @@ def test_flatten_negative_axis_folds(tmp_path) -> None:
     assert assert_sound(tmp_path, flatten_negative_axis) == "folded"
 
 
-@RULE_FIX
 def test_same_padding_that_pads_nothing_folds(tmp_path) -> None:
     assert assert_sound(tmp_path, same_padding_that_pads_nothing) == "folded"
 
 
-@RULE_FIX
 def test_training_bn_after_bn_is_reported_as_training(tmp_path) -> None:
     text = assert_sound(tmp_path, training_bn_after_bn)
     reasons = {s.bn: s.reason for s in _report(training_bn_after_bn).skipped}

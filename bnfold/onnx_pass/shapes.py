@@ -42,7 +42,19 @@ def _skeleton(model: ModelProto) -> ModelProto:
     )
     if out.ir_version < 4:
         out.ir_version = 4  # inputs beside initializers are legal from IR 4 on
+    _forget_minus_one_dims(out)
     return out
+
+
+def _forget_minus_one_dims(model: ModelProto) -> None:
+    """Dims written -1 become unknown dims, so inference never reasons with a -1 (the copy only)."""
+    for g in all_graphs(model.graph):
+        for field in (g.input, g.output, g.value_info):
+            for v in field:
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                    for d in v.type.tensor_type.shape.dim:
+                        if d.HasField("dim_value") and d.dim_value < 0:
+                            d.ClearField("dim_value")
 
 
 Shape = Tuple[Optional[int], ...]  # a dimension is None when not a known number
@@ -100,5 +112,7 @@ def infer_from(skeleton: ModelProto) -> ShapeTable:
 def _shape(value_info) -> Optional[Shape]:
     t = value_info.type
     if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
-        return tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
+        # a dim written -1 is read as unknown, as runtimes and exporters (paddle2onnx) mean it
+        return tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value >= 0 else None
+                     for d in t.tensor_type.shape.dim)
     return None
