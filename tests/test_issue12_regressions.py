@@ -201,6 +201,14 @@ def bn_bn_unknown_rank() -> onnx.ModelProto:
     return _finish(b, y, 3)
 
 
+def bn_bn_found_by_semantic_fuzz() -> onnx.ModelProto:
+    """Add -> BN -> BN where shape inference leaves the first BN's output without a shape
+    (test_semantic_fuzz.py seed 1168): the same crash as above, on a valid model."""
+    from test_semantic_fuzz import build_case
+
+    return build_case(1168)[0]
+
+
 def _gemm_unknown_shape(b: GraphBuilder) -> str:
     b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))
     return _gemm(b, "x", 3)
@@ -393,6 +401,7 @@ X_2x3 = {"x": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)}  # for inpu
         pytest.param(overridable_reshape_target, _other_shape([4, 4, 1]), id="overridable-reshape-target", marks=RULE_FIX),
         pytest.param(overridable_matmul_rank, _other_shape([1, 3, 4]), id="overridable-matmul-rank", marks=RULE_FIX),
         pytest.param(bn_bn_unknown_rank, {"x": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 3, 2)}, id="bn-bn-unknown-rank", marks=RULE_FIX),
+        pytest.param(bn_bn_found_by_semantic_fuzz, None, id="bn-bn-semantic-fuzz-1168", marks=RULE_FIX),
         pytest.param(unsqueeze_0d_axes, X_2x3, id="unsqueeze-0d-axes"),  # passes on this path today
         pytest.param(axes_2d, X_2x3, id="axes-2d"),
         pytest.param(squeeze_scalar_constant, None, id="squeeze-scalar-constant", marks=RULE_FIX),
