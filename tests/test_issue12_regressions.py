@@ -202,11 +202,17 @@ def bn_bn_unknown_rank() -> onnx.ModelProto:
 
 
 def bn_bn_found_by_semantic_fuzz() -> onnx.ModelProto:
-    """Add -> BN -> BN where shape inference leaves the first BN's output without a shape
-    (test_semantic_fuzz.py seed 1168): the same crash as above, on a valid model."""
-    from test_semantic_fuzz import build_case
-
-    return build_case(1168)[0]
+    """Found by test_semantic_fuzz.py (seed 1168), a valid model: input x is also a graph
+    output declared without a shape, so onnx's shape inference loses the shapes after it
+    and Add -> BN -> BN reaches the BN -> BN merge with an unknown rank."""
+    b = GraphBuilder(seed=34)
+    x = b.input("x", [3, 9])
+    b.node("Add", [b.init("k1", b.weight((1, 9))), x], "a", "add")
+    y = b.bn("a", "bn0", 9)
+    b.output(b.bn(y, "bn", 9))
+    b.outputs.append(helper.make_empty_tensor_value_info("x"))
+    b.outputs[-1].type.tensor_type.elem_type = TensorProto.FLOAT
+    return b.model(check=False, opset=18)
 
 
 def _gemm_unknown_shape(b: GraphBuilder) -> str:
