@@ -40,7 +40,6 @@ _KNOWN_TYPES = frozenset(v for v in TensorProto.DataType.values() if v != Tensor
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONV_OPS = ("Conv", "ConvTranspose")
 _SINGLE = defs.OpSchema.FormalParameterOption.Single
-_VARIADIC = defs.OpSchema.FormalParameterOption.Variadic
 
 
 def validate_model(model: ModelProto) -> None:
@@ -87,9 +86,7 @@ def _schema_facts(op_type: str, opset: int):
         return None
 
     def arity(params, low, high):
-        required = [i for i, p in enumerate(params) if p.option == _SINGLE]
-        variadic = bool(params) and params[-1].option == _VARIADIC
-        return low, high, required, variadic
+        return low, high, [i for i, p in enumerate(params) if p.option == _SINGLE]
 
     attrs = {name: int(a.type.value) for name, a in schema.attributes.items()}
     return (
@@ -163,7 +160,7 @@ class _Validator:
             if default:
                 facts = known[op] if op in known else schema(op)
                 if facts is not None:
-                    (lo, hi, req, _), (olo, ohi, oreq, _), _ = facts
+                    (lo, hi, req), (olo, ohi, oreq), _ = facts
                     if not lo <= len(ins) <= hi or "" in ins:
                         self.arity(node, ins, lo, hi, req, "input", where)
                     if not olo <= len(outs) <= ohi or "" in outs:

@@ -201,6 +201,20 @@ def bn_bn_unknown_rank() -> onnx.ModelProto:
     return _finish(b, y, 3)
 
 
+def bn_bn_found_by_semantic_fuzz() -> onnx.ModelProto:
+    """Found by test_semantic_fuzz.py (seed 1168), a valid model: input x is also a graph
+    output declared without a shape, so onnx's shape inference loses the shapes after it
+    and Add -> BN -> BN reaches the BN -> BN merge with an unknown rank."""
+    b = GraphBuilder(seed=34)
+    x = b.input("x", [3, 9])
+    b.node("Add", [b.init("k1", b.weight((1, 9))), x], "a", "add")
+    y = b.bn("a", "bn0", 9)
+    b.output(b.bn(y, "bn", 9))
+    b.outputs.append(helper.make_empty_tensor_value_info("x"))
+    b.outputs[-1].type.tensor_type.elem_type = TensorProto.FLOAT
+    return b.model(check=False, opset=18)
+
+
 def _gemm_unknown_shape(b: GraphBuilder) -> str:
     b.inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))
     return _gemm(b, "x", 3)
@@ -393,6 +407,7 @@ X_2x3 = {"x": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)}  # for inpu
         pytest.param(overridable_reshape_target, _other_shape([4, 4, 1]), id="overridable-reshape-target"),
         pytest.param(overridable_matmul_rank, _other_shape([1, 3, 4]), id="overridable-matmul-rank"),
         pytest.param(bn_bn_unknown_rank, {"x": np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 3, 2)}, id="bn-bn-unknown-rank"),
+        pytest.param(bn_bn_found_by_semantic_fuzz, None, id="bn-bn-semantic-fuzz-1168"),
         pytest.param(unsqueeze_0d_axes, X_2x3, id="unsqueeze-0d-axes"),  # passes on this path today
         pytest.param(axes_2d, X_2x3, id="axes-2d"),
         pytest.param(squeeze_scalar_constant, None, id="squeeze-scalar-constant"),

@@ -150,8 +150,12 @@ class Gen:
         self.b.node("BatchNormalization", ins, name + "_out", name, epsilon=eps)
         return name + "_out"
 
-    def affine(self, x: str, shape: List[int], ch: Optional[int]) -> str:
-        """Mul/Add/Sub/Div by a constant broadcasting against ``shape`` (mostly per channel)."""
+    def affine(self, x: str, shape: List[int], ch: Optional[int], first: bool) -> str:
+        """Mul/Add/Sub/Div by a constant broadcasting against ``shape`` (mostly per channel).
+
+        ``k / x`` (not affine: it must be refused) only as the ``first`` op after the linear
+        op: later, it would amplify the harmless rounding differences of an earlier fold
+        without bound (1/x near x = 0), and the comparison would flag an exact fold."""
         r = self.rng
         op = r.choice(["Mul", "Add", "Sub", "Div"])
         cshape = [1] * len(shape)
@@ -170,7 +174,7 @@ class Gen:
             value = np.where(np.abs(value) < 0.1, 0.5, value)
         value = value.astype(self.dtype)
         k = self.const(value, chain=True)
-        ins = [x, k] if r.random() < 0.75 else [k, x]
+        ins = [x, k] if r.random() < 0.75 or (op == "Div" and not first) else [k, x]
         name = self.name(op.lower())
         self.b.node(op, ins, name + "_out", name)
         return name + "_out"
@@ -338,12 +342,12 @@ class Gen:
                     y, out_shape, ch = self.passthrough(y, out_shape, ch)
             if r.random() < 0.1:
                 outs.append(y)  # the linear op's (or pass-through's) output is tapped
-            for _ in range(r.randint(1, 3)):
+            for step in range(r.randint(1, 3)):
                 if r.random() < 0.5 and len(out_shape) >= 2:
                     y = self.bn(y, out_shape[1])
                     ch_now = 1
                 else:
-                    y = self.affine(y, out_shape, ch)
+                    y = self.affine(y, out_shape, ch, first=step == 0)
                     ch_now = ch
                 ch = ch_now if ch == ch_now else ch
             if r.random() < 0.3:
