@@ -295,7 +295,7 @@ def _write_and_check(model, source: str, protect, outcome, phase, *, external, c
             outcome.after["bytes"] = _file_bytes([staged, staged + ".data"])
         if check:
             with phase("check"):
-                verdict = _check(source, staged, (outcome.source, dst), check_options)
+                verdict = _check(source, staged, (outcome.source, dst), outcome.report, check_options)
             outcome.verdict = verdict.to_dict()
             if not verdict:
                 raise _Mismatch()
@@ -305,10 +305,11 @@ class _Mismatch(Exception):
     """Raised inside the staging block so that nothing is moved into place."""
 
 
-def _check(original: str, folded: str, labels, options: Dict):
+def _check(original: str, folded: str, labels, report, options: Dict):
+    """Outputs and every fold site (the report says where each fold ended) are compared."""
     from .verify import check
 
-    return check(original, folded, labels=labels, **options)
+    return check(original, folded, labels=labels, report=report, **options)
 
 
 def _fold_program(outcome: FoldOutcome, on_phase) -> None:

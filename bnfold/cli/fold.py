@@ -17,6 +17,7 @@ from ..errors import EXIT_OK
 from . import STARTED
 from . import output as out
 from ._common import fail, handles_errors
+from .check_options import with_check_options
 
 FOLD_HELP = """Fold every BatchNorm next to a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
 
@@ -65,21 +66,15 @@ writable, 5 safety limit, 70 internal error, 130 interrupted.
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the folded model against the original with onnxruntime before keeping it. "
                    "Example: --no-check (skip it; then check later with `bnfold check`)")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True, metavar="N",
-              help="Seed of the check's random inputs. Example: --seed 7")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Size dynamic input dims for the check, by input name or dim name (repeatable). "
-                   "Example: --shape input:1x3x224x224 or --shape N:4")  # fmt: skip
+@with_check_options
 @click.pass_context
 @handles_errors
-def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes, check_options=None):
-    """``check_options``: more keyword arguments for :func:`bnfold.verify.check` (tolerances,
-    batches, ...), for a decorator that adds the check's options to this command."""
-    shape_map = _parse_shapes(shapes)
+def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, check_opts):
+    check_kwargs = check_opts.kwargs()  # parsed inside handles_errors: a bad value is one line
     explicit_jobs = ctx.get_parameter_source("jobs") == click.core.ParameterSource.COMMANDLINE
     if json_path and json_path != "-":
         _check_json_target(json_path, list(models) + ([output] if output else []))
-    options = dict(check=check, seed=seed, shapes=shape_map, check_options=dict(check_options or {}))
+    options = dict(check=check, seed=check_kwargs["seed"], shapes=check_kwargs["shapes"], check_options=check_kwargs)
     if out_dir is not None or len(models) > 1:
         if output:
             raise click.UsageError("-o names one output; with several models use --out-dir DIR")
@@ -176,14 +171,6 @@ def _report_interrupt(stop, err):
     for path in written:
         out.echo(f"  {path}", err=err)
     fail("interrupted; nothing else was written", EXIT_INTERRUPTED)
-
-
-def _parse_shapes(specs):
-    if not specs:
-        return {}
-    from ..verify import parse_shape  # one syntax for fold and check
-
-    return dict(parse_shape(spec) for spec in specs)
 
 
 def _check_json_target(json_path, models):

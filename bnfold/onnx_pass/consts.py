@@ -8,13 +8,14 @@ is "computed at run time".
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List
+import math
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 from onnx import NodeProto, helper
 
 from ..affine import Refusal
-from .graph import attr
+from .graph import attr, int_list, normalized_axes
 
 if TYPE_CHECKING:
     from .rewrite import GraphRewrite
@@ -42,7 +43,7 @@ def constant_value(
         args = [constant_value(rw, i, what, cache, depth + 1) if i else None for i in producer.input]
         try:
             value = _evaluate(rw, producer, args)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:  # a malformed model
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:  # a malformed model
             raise Refusal("not-constant", f"{what} '{name}': {producer.op_type} cannot be evaluated ({exc})") from None
     else:
         raise Refusal("not-constant", f"{what} '{name}' is computed at run time by {producer.op_type}")
@@ -53,34 +54,50 @@ def constant_value(
 
 
 def _evaluate(rw: "GraphRewrite", node: NodeProto, args: List) -> np.ndarray:
+    """``node`` applied to constant ``args`` with the op's exact ONNX semantics (axis ranges,
+    Flatten's axis = rank, Reshape's 0 and -1); a Refusal for anything the spec does not allow."""
     x = args[0]
     op = node.op_type
+    what = f"{op} '{node.name or node.output[0]}'"
     if op == "Identity":
         return x
     if op == "Cast":
         return x.astype(helper.tensor_dtype_to_np_dtype(int(attr(node, "to", 1))))
     if op == "Flatten":
-        axis = int(attr(node, "axis", 1)) % max(x.ndim, 1) if x.ndim else 0
-        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+        axis = int(attr(node, "axis", 1))
+        if not -x.ndim <= axis <= x.ndim:
+            raise Refusal("unsupported-attribute", f"{what}: axis {axis} is out of range for rank {x.ndim}")
+        axis = axis + x.ndim if axis < 0 else axis
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
     if op == "Reshape":
-        target = [int(d) for d in args[1]]
+        if len(args) < 2 or args[1] is None:
+            raise Refusal("not-constant", f"{what} has no shape input")
+        target = int_list(args[1], f"the shape of {what}")
         if not attr(node, "allowzero", 0):
+            if any(d == 0 and i >= x.ndim for i, d in enumerate(target)):
+                raise Refusal("unsupported-attribute", f"{what}: a 0 in the shape has no input dimension to copy")
             target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+        if target.count(-1) > 1 or any(d < -1 for d in target):
+            raise Refusal("unsupported-attribute", f"{what}: shape {target} is not a valid target")
         return x.reshape(target)
-    axes = _axes(rw, node, args)
+    axes = _axes(node, args, what)
     if op == "Unsqueeze":
-        rank = x.ndim + len(axes)
-        for a in sorted(a % rank for a in axes):
+        if axes is None:
+            raise Refusal("unsupported-attribute", f"{what} has no axes")
+        for a in sorted(normalized_axes(axes, x.ndim + len(axes), what)):
             x = np.expand_dims(x, a)
         return x
     # Squeeze
     if axes is None:
         return np.squeeze(x)
-    return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
+    axes = normalized_axes(axes, x.ndim, what)
+    if any(x.shape[a] != 1 for a in axes):
+        raise Refusal("unsupported-attribute", f"{what} squeezes an axis of size other than 1")
+    return np.squeeze(x, axis=tuple(axes))
 
 
-def _axes(rw: "GraphRewrite", node: NodeProto, args: List):
+def _axes(node: NodeProto, args: List, what: str) -> Optional[List[int]]:
     if len(args) > 1 and args[1] is not None:
-        return [int(a) for a in args[1]]
+        return int_list(args[1], f"the axes of {what}")
     axes = attr(node, "axes", None)
     return None if axes is None else [int(a) for a in axes]

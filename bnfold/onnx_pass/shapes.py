@@ -32,7 +32,10 @@ def _skeleton(model: ModelProto) -> ModelProto:
     inputs = {i.name for i in g.input}
     small, large = [], []
     for t in model.graph.initializer:
-        (large if is_stub(t) or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
+        # an initializer that a graph input can override (IR >= 4) is no constant: its default
+        # value must not prove a shape, so inference sees only the input
+        overridable = t.name in inputs and model.ir_version >= 4
+        (large if is_stub(t) or overridable or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
     g.initializer.extend(small)
     g.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in inputs
