@@ -72,7 +72,7 @@ def test_default_summary_is_three_short_lines(tmp_path, monkeypatch):
     size = os.path.getsize(tmp_path / "f.onnx")
     assert lines[0].startswith("folded 1 of 2 BatchNorm(s) (4 -> 3 nodes, 1.2 kB -> ")
     assert lines[0].endswith(f"{size} B); left 1: no-linear-producer")
-    assert lines[1].startswith("check: PASS, 1 output(s) match")
+    assert lines[1].startswith("check: PASS, 1 output(s) and 1 fold site(s) match")
     assert lines[2].startswith("wrote f.onnx in ")
     for phase in ("start", "load", "fold", "write", "check"):  # the command's wall time, in parts
         assert f" {phase} " in lines[2]
@@ -134,7 +134,8 @@ def test_a_failed_check_prints_the_verdict_and_one_error_line(tmp_path, monkeypa
     monkeypatch.setattr(onnx_pass, "fold_model_proto", broken)
     result = invoke(tmp_path / "m.onnx", "-o", tmp_path / "f.onnx", "--json", tmp_path / "r.json")
     assert "does not match" in one_error_line(result, EXIT_MISMATCH)
-    assert "check: FAIL, 1 of 1 output(s) differ" in result.stdout
+    # the check names where the fold went wrong, then the outputs
+    assert "check: FAIL, 1 of 1 fold site(s) differ (bn); 1 of 1 output(s) differ" in result.stdout
     entry = json.loads((tmp_path / "r.json").read_text())["models"][0]
     assert entry["status"] == "mismatch" and entry["check"]["passed"] is False and entry["output"] is None
     assert not (tmp_path / "f.onnx").exists()

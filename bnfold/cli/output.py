@@ -85,16 +85,27 @@ def check_line(outcome, checked: bool, dry_run: bool) -> str:
         if not checked:
             return yellow("check: skipped (--no-check)")
         return "check: not run"
-    outputs = v.get("outputs") or []
-    worst = max((o.get("max_rel_err") or 0.0 for o in outputs if isinstance(o.get("max_rel_err"), float)), default=0.0)
+    outputs, sites = v.get("outputs") or [], v.get("sites") or []
+    worst = _worst_rel(outputs)
     if v.get("passed"):
-        return f"check: {green('PASS')}, {len(outputs)} output(s) match (max rel error {worst:.2g})"
+        where = f"{len(outputs)} output(s)" + (f" and {len(sites)} fold site(s)" if sites else "")
+        return f"check: {green('PASS')}, {where} match (max rel error {worst:.2g})"
+    details = []  # the sites first: they say where the fold went wrong
+    bad_sites = [s for s in sites if not s.get("passed")]
+    if bad_sites:
+        names = ", ".join(str(s.get("node", "?")) for s in bad_sites[:3]) + (", ..." if len(bad_sites) > 3 else "")
+        details.append(f"{len(bad_sites)} of {len(sites)} fold site(s) differ ({names})")
     failed = [o for o in outputs if not o.get("passed")]
-    names = ", ".join(o.get("name", "?") for o in failed[:3]) + (", ..." if len(failed) > 3 else "")
-    detail = f"{len(failed)} of {len(outputs)} output(s) differ ({names}; max rel error {worst:.2g})"
-    if not failed and v.get("problems"):
-        detail = v["problems"][0]
-    return _fit(f"check: {red('FAIL')}, {detail}")
+    if failed:
+        names = ", ".join(o.get("name", "?") for o in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        details.append(f"{len(failed)} of {len(outputs)} output(s) differ ({names}; max rel error {worst:.2g})")
+    if not details and v.get("problems"):
+        details.append(v["problems"][0])
+    return _fit(f"check: {red('FAIL')}, {'; '.join(details) or 'see --verbose'}")
+
+
+def _worst_rel(entries) -> float:
+    return max((e.get("max_rel_err") or 0.0 for e in entries if isinstance(e.get("max_rel_err"), float)), default=0.0)
 
 
 def written_line(outcome, dry_run: bool, wall: Optional[float] = None) -> str:
@@ -169,6 +180,11 @@ def check_details(verdict: Optional[Dict]) -> List[str]:
             f"  {mark} {o.get('name')}: max abs {_g(o.get('max_abs_err'))}, max rel {_g(o.get('max_rel_err'))}, "
             f"failing {o.get('failing')}/{o.get('total')}, atol {_g(o.get('atol'))}, rtol {_g(o.get('rtol'))}"
         )
+    for site in verdict.get("sites") or []:
+        mark = "ok  " if site.get("passed") else "FAIL"
+        text = site.get("problem") or (f"max abs {_g(site.get('max_abs_err'))}, max rel {_g(site.get('max_rel_err'))}, "
+                                       f"failing {site.get('failing')}/{site.get('total')}")  # fmt: skip
+        lines.append(f"  {mark} site {site.get('fold', site.get('node'))}: {text}")
     lines.extend(f"  problem: {p}" for p in verdict.get("problems") or [])
     inputs = (verdict.get("inputs") or {}).get("tensors") or []
     if inputs:
