@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
-import click
+STARTED = time.perf_counter()  # the command's wall time is counted from here (imports included)
+
+import click  # noqa: E402
 
 from .._version import __version__
 

@@ -14,6 +14,7 @@ import time
 import click
 
 from ..errors import EXIT_OK
+from . import STARTED
 from . import output as out
 from ._common import fail, handles_errors
 from .check_options import with_check_options
@@ -108,7 +109,7 @@ def _fold_one(model, output, dry_run, verbose, json_path, options):
             for line in out.check_details(outcome.verdict):
                 out.echo(line, err=err)
         if outcome.ok:
-            out.echo(out.written_line(outcome, dry_run), err=err)
+            out.echo(out.written_line(outcome, dry_run, time.perf_counter() - STARTED), err=err)
     if json_path:
         report = run_report([outcome], dry_run=dry_run, seconds=outcome.seconds)
         _write_json(json_path, report, outcome.protected)
@@ -119,7 +120,6 @@ def _fold_one(model, output, dry_run, verbose, json_path, options):
 def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options):
     from ..pipeline import BatchInterrupted, batch_exit_code, collect_jobs, fold_many, run_report
 
-    start = time.perf_counter()
     pairs = collect_jobs(models, None if dry_run else out_dir)
     err = json_path == "-"
     progress = out.BatchProgress(pairs)
@@ -140,7 +140,7 @@ def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options):
         _report_interrupt(stop, err)
     finally:
         progress.clear()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - STARTED  # the whole command
     ok = [o for o in outcomes if o.ok]
     failed = len(outcomes) - len(ok)
     folded = sum(o.report.n_folded for o in ok)

@@ -49,17 +49,29 @@ def _fit(text: str, width: int = WIDTH) -> str:
 
 
 def fold_line(outcome, dry_run: bool) -> str:
-    """``folded 2 of 3 BatchNorm(s); left 1: no-linear-producer`` (``would fold`` in a dry run)."""
+    """``folded 2 of 3 BatchNorm(s) (9 -> 8 nodes, 1.2 kB -> 994 B); left 1: no-linear-producer``
+    (``would fold`` in a dry run)."""
     report = outcome.report
     total = report.n_folded + report.n_skipped
     verb, leave = ("would fold", "would leave") if dry_run else ("folded", "left")
-    head = f"{verb} {report.n_folded} of {total} BatchNorm(s)"
+    head = f"{verb} {report.n_folded} of {total} BatchNorm(s)" + _shrink(outcome.before, outcome.after)
     if not report.n_skipped:
         return head
     reasons = ", ".join(f"{n} {code}" if len(report.reason_counts()) > 1 else code
                         for code, n in report.reason_counts().items())  # fmt: skip
     tail = _fit(f"{leave} {report.n_skipped}: {reasons}", WIDTH - len(head) - 2)
     return f"{head}; {yellow(tail)}"
+
+
+def _shrink(before: Optional[Dict], after: Optional[Dict]) -> str:
+    """`` (40 -> 28 nodes, 50.6 kB -> 43.8 kB)``: what is known of the model before and after."""
+    before, after = before or {}, after or {}
+    parts = []
+    if before.get("nodes") is not None and after.get("nodes") is not None:
+        parts.append(f"{before['nodes']} -> {after['nodes']} nodes")
+    if before.get("bytes") is not None and after.get("bytes") is not None:
+        parts.append(f"{human_bytes(before['bytes'])} -> {human_bytes(after['bytes'])}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def check_line(outcome, checked: bool, dry_run: bool) -> str:
@@ -73,33 +85,47 @@ def check_line(outcome, checked: bool, dry_run: bool) -> str:
         if not checked:
             return yellow("check: skipped (--no-check)")
         return "check: not run"
-    outputs = v.get("outputs") or []
-    worst = max((o.get("max_rel_err") or 0.0 for o in outputs if isinstance(o.get("max_rel_err"), float)), default=0.0)
+    outputs, sites = v.get("outputs") or [], v.get("sites") or []
+    worst = _worst_rel(outputs)
     if v.get("passed"):
-        return f"check: {green('PASS')}, {len(outputs)} output(s) match (max rel error {worst:.2g})"
+        where = f"{len(outputs)} output(s)" + (f" and {len(sites)} fold site(s)" if sites else "")
+        return f"check: {green('PASS')}, {where} match (max rel error {worst:.2g})"
+    details = []  # the sites first: they say where the fold went wrong
+    bad_sites = [s for s in sites if not s.get("passed")]
+    if bad_sites:
+        names = ", ".join(str(s.get("node", "?")) for s in bad_sites[:3]) + (", ..." if len(bad_sites) > 3 else "")
+        details.append(f"{len(bad_sites)} of {len(sites)} fold site(s) differ ({names})")
     failed = [o for o in outputs if not o.get("passed")]
-    names = ", ".join(o.get("name", "?") for o in failed[:3]) + (", ..." if len(failed) > 3 else "")
-    detail = f"{len(failed)} of {len(outputs)} output(s) differ ({names}; max rel error {worst:.2g})"
-    if not failed and v.get("problems"):
-        detail = v["problems"][0]
-    return _fit(f"check: {red('FAIL')}, {detail}")
+    if failed:
+        names = ", ".join(o.get("name", "?") for o in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        details.append(f"{len(failed)} of {len(outputs)} output(s) differ ({names}; max rel error {worst:.2g})")
+    if not details and v.get("problems"):
+        details.append(v["problems"][0])
+    return _fit(f"check: {red('FAIL')}, {'; '.join(details) or 'see --verbose'}")
 
 
-def written_line(outcome, dry_run: bool) -> str:
-    """Where the model went, its size, and the wall time with its phases."""
-    times = times_text(outcome)
+def _worst_rel(entries) -> float:
+    return max((e.get("max_rel_err") or 0.0 for e in entries if isinstance(e.get("max_rel_err"), float)), default=0.0)
+
+
+def written_line(outcome, dry_run: bool, wall: Optional[float] = None) -> str:
+    """Where the model went, and the command's wall time with its parts."""
+    times = times_text(outcome, wall)
     if dry_run or not outcome.written:
         return f"nothing written (dry run) in {times}"
-    size = ""
-    before, after = outcome.before or {}, outcome.after or {}
-    if after.get("bytes") is not None:
-        size = f" ({human_bytes(after['bytes'])}, was {human_bytes(before.get('bytes'))})"
-    return f"wrote {outcome.written}{size} in {times}"
+    return f"wrote {outcome.written} in {times}"
 
 
-def times_text(outcome) -> str:
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in outcome.times.items())
-    return f"{outcome.seconds:.2f} s" + (f": {parts}" if parts else "")
+def times_text(outcome, wall: Optional[float] = None) -> str:
+    """``0.90 s: start 0.35, load 0.00, fold 0.06, write 0.03, check 0.46``; ``start`` is the
+    rest of ``wall`` (start-up: imports, options) when the command's wall time is given."""
+    parts = dict(outcome.times)
+    total = outcome.seconds
+    if wall is not None and wall > total:
+        parts = {"start": wall - sum(parts.values()), **parts}
+        total = wall
+    text = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    return f"{total:.2f} s" + (f": {text}" if text else "")
 
 
 def human_bytes(n: Optional[int]) -> str:
@@ -154,6 +180,11 @@ def check_details(verdict: Optional[Dict]) -> List[str]:
             f"  {mark} {o.get('name')}: max abs {_g(o.get('max_abs_err'))}, max rel {_g(o.get('max_rel_err'))}, "
             f"failing {o.get('failing')}/{o.get('total')}, atol {_g(o.get('atol'))}, rtol {_g(o.get('rtol'))}"
         )
+    for site in verdict.get("sites") or []:
+        mark = "ok  " if site.get("passed") else "FAIL"
+        text = site.get("problem") or (f"max abs {_g(site.get('max_abs_err'))}, max rel {_g(site.get('max_rel_err'))}, "
+                                       f"failing {site.get('failing')}/{site.get('total')}")  # fmt: skip
+        lines.append(f"  {mark} site {site.get('fold', site.get('node'))}: {text}")
     lines.extend(f"  problem: {p}" for p in verdict.get("problems") or [])
     inputs = (verdict.get("inputs") or {}).get("tensors") or []
     if inputs:
