@@ -99,7 +99,6 @@ def test_fold_folds_every_batchnorm(name):
     assert_equivalent(m, folded, tol=_TOL.get(name))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 4 (no-op elimination) pending")
 def test_paddle_swish_no_op_mul_is_removed():
     m = model("paddle-swish")
     folded, _ = fold_onnx(m)
@@ -107,7 +106,6 @@ def test_paddle_swish_no_op_mul_is_removed():
     assert_equivalent(m, folded)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 3 (Mul before a linear op) pending")
 def test_ppocr_gelu_half_is_folded_into_the_conv():
     m = model("ppocr-gelu-tail")
     folded, _ = fold_onnx(m)

@@ -270,7 +270,7 @@ def test_fold_command_folds_saturated_model_with_default_check(tmp_path):
     onnx.save(saturating_net("sigmoid"), str(src))
     result = CliRunner().invoke(main, [str(src), "-o", str(dst), "--json", str(js)])
     assert result.exit_code == EXIT_OK, result.output
-    check = json.loads(js.read_text())["check"]
+    check = json.loads(js.read_text())["models"][0]["check"]
     assert check["passed"] and len(check["sites"]) >= 3
     # `bnfold check --report` replays the per-fold comparison from the fold's JSON
     again = CliRunner().invoke(main, ["check", str(src), str(dst), "--report", str(js)])
@@ -299,7 +299,7 @@ def test_fold_command_takes_the_check_options(tmp_path):
             "--rtol", "1e-3", "--atol", "1e-3"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == EXIT_OK, result.output
-    check = json.loads(js.read_text())["check"]
+    check = json.loads(js.read_text())["models"][0]["check"]
     assert check["inputs"]["batches"] == 3 and check["inputs"]["seed"] == 7
     assert check["inputs"]["tensors"][0]["shape"] == [2, 3, 8, 8]
     assert check["outputs"][0]["rtol"] == 1e-3 and check["outputs"][0]["atol"] == 1e-3

@@ -442,7 +442,7 @@ def test_random_valid_graphs_fold_exactly_or_are_left() -> None:
 
 def test_the_oracle_catches_a_wrong_fold(monkeypatch) -> None:
     """Sabotage the conv fold (one channel's scale off by 1 %): some early case must fail."""
-    import bnfold.onnx_pass.conv as conv_rule
+    import bnfold.onnx_pass.ops.conv as conv_rule
 
     real = conv_rule.fold_after
 

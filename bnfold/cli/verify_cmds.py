@@ -105,6 +105,11 @@ def _read_report(path: str) -> Dict[str, Any]:
             data = json.load(handle)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: not a JSON fold report ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("models"), list):  # the fold command's report
+        models = [m for m in data["models"] if isinstance(m, dict) and isinstance(m.get("fold"), dict)]
+        if len(models) != 1:
+            raise InputError(f"{path}: a report of {len(models)} folded models; --report takes one model's report")
+        data = models[0]["fold"]
     if isinstance(data, dict) and isinstance(data.get("report"), dict):
         data = data["report"]
     if not isinstance(data, dict) or not isinstance(data.get("folded"), list):
