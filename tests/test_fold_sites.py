@@ -328,3 +328,18 @@ def test_a_constant_channel_cancelled_by_its_bn_is_not_blamed_on_the_fold():
     assert result, result.summary()
     bad = dropped_shift(out, conv="conv")
     assert not verify.check(model, bad, report=report)
+
+
+def test_sites_fall_back_to_end_to_end_when_the_cut_copy_cannot_run(monkeypatch):
+    from bnfold.verify import equivalence
+
+    def broken(*args, **kwargs):
+        raise ValueError("simulated")
+
+    monkeypatch.setattr(equivalence, "stitched", broken)
+    model = saturating_net("logits")
+    out, report = folded(model)
+    result = verify.check(model, out, report=report)
+    assert result and any("end to end" in n for n in result.notes)
+    assert all("end to end" in s.tolerance_source for s in result.sites)
+    assert not verify.check(model, dropped_shift(out), report=report)

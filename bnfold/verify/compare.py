@@ -161,7 +161,7 @@ def _compare_float(stats: OutputStats, exp_list, act_list, tol, atol, rtol, give
     k_atol, k_rtol = tol
     if atol is None:
         stats.atol = k_atol * scale
-        why = "" if stats.precision == stats.dtype else f", computed in {stats.precision}"
+        why = "" if stats.precision == stats.dtype else f", computed in {stats.precision}: {stats.precision_why}"
         stats.tolerance_source = f"{k_atol:g} x scale, default for {stats.precision}{why}"
     else:
         stats.atol = float(atol)
