@@ -306,3 +306,40 @@ def test_fold_command_takes_the_check_options(tmp_path):
     assert all(s["k"] == 1e-3 for s in check["sites"])
     bad = CliRunner().invoke(main, [str(src), "-o", str(tmp_path / "o2.onnx"), "--atol", "x"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_a_constant_channel_cancelled_by_its_bn_is_not_blamed_on_the_fold():
+    """Channel 0 of the conv is its bias alone (100), which the BN's mean (99.99) cancels: the
+    original's float32 subtraction is itself off by ~1e-3 of the result, the fold (float64) is
+    exact. The terms' size comes from the BN's parameters, so this correct fold passes; a
+    dropped shift on the same model still fails."""
+    w = np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    w[0] = 0
+    inits = [nh.from_array(w, "w"), nh.from_array(np.array([100.0, 0.1], np.float32), "b")]
+    inits += [nh.from_array(np.array(v, np.float32), n) for n, v in
+              (("g", [1.0, 1.0]), ("be", [0.0, 0.0]), ("m", [99.99, 0.0]), ("v", [1e-4, 1.0]))]
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             h.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["y"], name="bn")]
+    graph = h.make_graph(nodes, "cancel", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    model = h.make_model(graph, opset_imports=OPSET)
+    out, report = bnfold.fold_onnx(model)
+    result = verify.check(model, out, report=report)
+    assert result, result.summary()
+    bad = dropped_shift(out, conv="conv")
+    assert not verify.check(model, bad, report=report)
+
+
+def test_sites_fall_back_to_end_to_end_when_the_cut_copy_cannot_run(monkeypatch):
+    from bnfold.verify import equivalence
+
+    def broken(*args, **kwargs):
+        raise ValueError("simulated")
+
+    monkeypatch.setattr(equivalence, "stitched", broken)
+    model = saturating_net("logits")
+    out, report = folded(model)
+    result = verify.check(model, out, report=report)
+    assert result and any("end to end" in n for n in result.notes)
+    assert all("end to end" in s.tolerance_source for s in result.sites)
+    assert not verify.check(model, dropped_shift(out), report=report)

@@ -161,7 +161,7 @@ def _compare_float(stats: OutputStats, exp_list, act_list, tol, atol, rtol, give
     k_atol, k_rtol = tol
     if atol is None:
         stats.atol = k_atol * scale
-        why = "" if stats.precision == stats.dtype else f", computed in {stats.precision}"
+        why = "" if stats.precision == stats.dtype else f", computed in {stats.precision}: {stats.precision_why}"
         stats.tolerance_source = f"{k_atol:g} x scale, default for {stats.precision}{why}"
     else:
         stats.atol = float(atol)
@@ -244,7 +244,8 @@ SITE_RULE = (
     "fold site: element fails iff |folded - original| > k * (R + |original|), k by the precision the site computes in; "
     "R = the larger of |a| * max |input of the folded run| over the element's channel (the size of the values before the "
     "run's shift; |a| = std(output)/std(input) per channel) and |a| * sum |w||x| of the linear op for that element (the "
-    "size of the terms it adds), or, without the run's input, max |original| over the channel; "
+    "size of the terms it adds), for a BN site also |a| (max |input| + |mean|) + |B| from its parameters, or, without "
+    "the run's input, max |original| over the channel; "
     f"at least {SITE_FLOOR:g} x max |original| over the tensor; "
     "and no channel is a scaled copy: |slope of (folded - original) against original| <= s(precision) per channel, "
     f"counted where the slope explains at least {MIN_EXPLAINED:g} of the difference's variance (r^2) and moves the "
@@ -339,8 +340,9 @@ def compare_site(site, value, exp_list, act_list, before_list, k: Optional[float
     groups = _site_groups(exp_list, act_list, before_list, magnitude)
     tiny = np.finfo(np.float64).tiny
     for e, a, x, m, stacked in groups:
+        bn = (value.bn_gain, value.bn_shift) if getattr(value, "bn_gain", None) is not None else None
         R, axis = _site_reference(e, x, None if value.channel_axis is None else _shift_axis(value.channel_axis, stacked, e.ndim),
-                                  m, value.direct)
+                                  m, value.direct, bn)
         with np.errstate(invalid="ignore", over="ignore"):
             if np.isfinite(e).all() and np.isfinite(a).all():  # the usual case: fewer passes
                 diff = np.abs(a - e)
@@ -411,7 +413,7 @@ def _shift_axis(axis: int, stacked: bool, ndim: int) -> Optional[int]:
 
 
 def _site_reference(e: np.ndarray, x: Optional[np.ndarray], channel_axis: Optional[int], m: Optional[np.ndarray] = None,
-                    direct: bool = False):
+                    direct: bool = False, bn: Optional[Tuple[np.ndarray, np.ndarray]] = None):
     """R of :data:`SITE_RULE` for each element of ``e`` (broadcastable), and the channel axis used.
 
     ``m``: sum |w| |x| of the linear op the run was folded into, per element of its output (of
@@ -441,6 +443,13 @@ def _site_reference(e: np.ndarray, x: Optional[np.ndarray], channel_axis: Option
                 gain = np.where(sx > 0, se / sx, 0.0)
                 terms = gain * m  # m is inf where the probe overflowed its dtype: no limit there
             R = np.maximum(R, np.where(np.isnan(terms), 0.0, terms))
+        if bn is not None and axis is not None and len(bn[0]) == e.shape[axis]:
+            gain, shift = (v.reshape(tuple(-1 if i == axis else 1 for i in range(e.ndim))) for v in bn)
+            R = np.maximum(R, gain * mx + shift)  # the BN's own terms: a*x and a*mean, B
+            if m is not None and m.shape == e.shape:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    terms = gain * m
+                R = np.maximum(R, np.where(np.isnan(terms), 0.0, terms))
     elif direct and m is not None and m.shape == e.shape:
         R = np.maximum(R, np.where(np.isnan(m), 0.0, m))
     if tensor_scale == 0:

@@ -66,7 +66,8 @@ def value_precisions(model) -> Dict[str, Precision]:
         name = float_name(t.data_type)
         if name:
             declared[t.name] = (name, f"initializer '{t.name}' is {name}")
-    known: Dict[str, Precision] = {n: p for n, p in declared.items() if n in {i.name for i in graph.input} or n in {t.name for t in graph.initializer}}
+    sources = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    known: Dict[str, Precision] = {n: p for n, p in declared.items() if n in sources}
     for node in graph.node:
         inherited: Optional[Precision] = None
         for name in node.input:

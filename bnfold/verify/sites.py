@@ -45,6 +45,11 @@ class SiteValue:
     # whose rounding a correct fold changes (a sum can be far smaller than its terms).
     probe: Optional[str] = None
     direct: bool = False  # the site *is* the probed op's output (a BN folded into the ops after it)
+    # For a site that is a BN's own output computed from ``before`` (the BN's input): per channel
+    # |scale / sqrt(var + eps)| and |gain * mean| + |B|, read from the model, so a channel whose
+    # input is constant (its std says nothing) still has the size of the terms the BN cancels.
+    bn_gain: Optional[Any] = field(default=None, repr=False)
+    bn_shift: Optional[Any] = field(default=None, repr=False)
 
 
 @dataclass
@@ -110,6 +115,7 @@ def fold_sites(original, folded, report: Any) -> Tuple[List[FoldSite], List[str]
     sites: List[FoldSite] = []
     in_subgraphs = 0
     unmatched: List[str] = []
+    inits = None
     for e in entries:
         if e["graph"]:
             in_subgraphs += 1
@@ -120,7 +126,11 @@ def fold_sites(original, folded, report: Any) -> Tuple[List[FoldSite], List[str]
                 site.values.extend(_readers_sites(node, consumers, have, constants))
                 continue
             linear = _linear_before(node, e, by_label, producer, constants)
-            site.values.extend(_site_values(node, consumers, have, outputs, constants, linear))
+            values = _site_values(node, consumers, have, outputs, constants, linear)
+            if node.op_type == "BatchNormalization":
+                inits = inits if inits is not None else {t.name: t for t in graph.initializer}
+                _attach_bn_params(node, values, inits)
+            site.values.extend(values)
         site.values = _unique(site.values)
         if site.values:
             sites.append(site)
@@ -133,6 +143,28 @@ def fold_sites(original, folded, report: Any) -> Tuple[List[FoldSite], List[str]
         notes.append(f"{len(unmatched)} fold(s) have no tensor of their own in both models, checked through the graph "
                      f"outputs only: {'; '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
     return sites, notes
+
+
+def _attach_bn_params(bn, values: List[SiteValue], inits) -> None:
+    """Give the site that is ``bn``'s own output (computed from its own input) the BN's per-channel
+    gain and shift magnitude, when its parameters are initializers held in the model."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    mine = [v for v in values if bn.output and v.name == bn.output[0] and v.before == bn.input[0]]
+    if not mine or len(bn.input) < 5:
+        return
+    try:
+        scale, bias, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64).ravel() for n in bn.input[1:5])
+    except Exception:  # not initializers, or data kept outside the model: estimate from the data instead
+        return
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        gain = np.abs(scale / np.sqrt(var + eps))
+    if not (len(gain) == len(mean) == len(bias)) or not np.all(np.isfinite(gain)):
+        return
+    for v in mine:
+        v.bn_gain, v.bn_shift = gain, gain * np.abs(mean) + np.abs(bias)
 
 
 def _defined_values(graph) -> set:
