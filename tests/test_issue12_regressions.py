@@ -446,7 +446,6 @@ def _report(make):
     return fold_onnx(make())[1]
 
 
-@RULE_FIX
 def test_flatten_negative_axis_folds(tmp_path) -> None:
     assert assert_sound(tmp_path, flatten_negative_axis) == "folded"
 

@@ -122,7 +122,9 @@ def fold_sites(original, folded, report: Any) -> Tuple[List[FoldSite], List[str]
             continue
         site = FoldSite(e["kind"], e["node"], e["op"], e["into"], e["into_op"], e["rule"])
         for node in by_label.get((e["op"], e["node"]), []):
-            if e["kind"] == "bn" and e["rule"].startswith("bn-") and e["into_op"] in LINEAR_OPS:
+            # a BN folded into the linear ops after it (bn-conv, bn-gemm, bn-flatten-gemm, ...: the
+            # report names the Flatten for the last two); bn-bn and bn-affine end at the BN itself
+            if e["kind"] == "bn" and e["rule"].startswith("bn-") and e["rule"] not in ("bn-bn", "bn-affine"):
                 site.values.extend(_readers_sites(node, consumers, have, constants))
                 continue
             linear = _linear_before(node, e, by_label, producer, constants)
