@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -11,8 +10,10 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..report import FoldReport
-from . import _observe
+from . import _observe, _state
+from ._math import to_numpy
 from ._plan import Applied, Observation, apply, decide, unverified
+from ._state import ModuleCopyError
 
 METHODS = ("auto", "fx", "export", "hooks")
 METHOD_NAMES = {"fx": "torch.fx", "export": "torch.export", "hooks": "forward-hooks"}
@@ -24,6 +25,10 @@ class TrainingModeError(InputError, ValueError):
 
 class ModelTraceError(InputError):
     """No method could see the model's dataflow (and no example inputs were given to observe it)."""
+
+
+class ModuleNotCopyable(InputError, ModuleCopyError):
+    """The module cannot be copied (not even sharing its un-copyable attributes); fold it in place."""
 
 
 def examples_of(example_inputs, example_kwargs=None, more_examples: Sequence = ()) -> List[_observe.Example]:
@@ -81,17 +86,25 @@ def fold_module(
             f"{type(module).__name__} is in training mode, where BatchNorm uses batch statistics; "
             "call .eval() first, or pass allow_training=True to fold with the running statistics"
         )
-    target = module if inplace else copy.deepcopy(module)
     notes = []
+    target = module
+    if not inplace:
+        try:
+            target, shared = _state.copy_module(module)
+        except ModuleCopyError as exc:
+            raise ModuleNotCopyable(str(exc)) from None
+        if shared:
+            notes.append(f"attributes that cannot be deep-copied are shared with the original: {', '.join(shared)}")
     if target.training:
         target.eval()
         notes.append("the model was in training mode; it was put in eval mode (allow_training=True)")
     examples = examples_of(example_inputs, example_kwargs, more_examples)
+    expected = _run_examples(target, examples) if examples else None
     obs, graph = _observe_any(target, examples, method)
     report = FoldReport(method=obs.method, notes=notes + obs.notes)
     actions = decide(target, obs, report)
     applied = apply(target, actions)
-    problem = _verify(target, obs, graph, examples, applied)
+    problem = _verify(target, obs, graph, examples, applied, expected, report)
     if problem:
         applied.undo()
         unverified(report, problem)
@@ -100,7 +113,8 @@ def fold_module(
 
 
 def _observe_any(root: nn.Module, examples, method: str) -> Tuple[Observation, Optional[torch.fx.Graph]]:
-    """Try the methods in order; the first that sees the whole dataflow wins."""
+    """Try the methods in order; the first that sees the whole dataflow wins. Each looks at a
+    fresh throwaway copy of ``root`` (observing runs ``forward``: never on the result)."""
     order = ["fx", "export", "hooks"] if method == "auto" else [method]
     failures = []
     for name in order:
@@ -108,10 +122,11 @@ def _observe_any(root: nn.Module, examples, method: str) -> Tuple[Observation, O
             failures.append(f"{METHOD_NAMES[name]} needs example inputs")
             continue
         try:
-            if name == "fx":
-                obs, graph = _observe.observe_fx(root, examples)
-            else:
-                obs, graph = _run(name, root, examples), None
+            with _state.observing(root) as probe:
+                if name == "fx":
+                    obs, graph = _observe.observe_fx(probe, examples)
+                else:
+                    obs, graph = _run(name, probe, examples), None
         except Exception as exc:  # each method fails in its own ways; the next one may work
             failures.append(f"{METHOD_NAMES[name]}: {type(exc).__name__}: {_first_line(exc)}")
             continue
@@ -131,30 +146,75 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else ""
 
 
-def _verify(root, obs: Observation, graph, examples, applied: Applied) -> str:
-    """'' when the folded module provably calls no removed BN; else what went wrong.
+def _run_examples(root: nn.Module, examples) -> List[Dict[str, object]]:
+    """The module's outputs on every example, computed on a throwaway copy (or with the
+    module's state put back), each example starting from the module's current state."""
+    from torch.utils._pytree import tree_flatten
+
+    out = []
+    for args, kwargs in examples:
+        with _state.observing(root) as probe, _observe.quiet_run(probe):
+            result = probe(*args, **kwargs)
+        leaves = [v for v in tree_flatten(result)[0] if isinstance(v, torch.Tensor)]
+        out.append({f"output_{i}": to_numpy(v) for i, v in enumerate(leaves)})
+    return out
+
+
+def _verify(root, obs: Observation, graph, examples, applied: Applied, expected, report: FoldReport) -> str:
+    """'' when the folded module provably calls no removed BN and matches the original on every
+    example; else what went wrong.
 
     A BN reached through a reference that is not a registered submodule (a plain list, say)
     would still run after its registration is replaced; a re-trace (fx) or a run of the examples
-    with the removed BN objects watched (other methods) catches that.
+    with the removed BN objects watched (other methods) catches that. Every check runs on a
+    throwaway copy of the folded module.
     """
     if not applied.removed_bns:
         return ""
     if graph is not None:
         try:
-            again = _observe.fx_graph(root)
+            with _state.observing(root) as probe:
+                again = _observe.fx_graph(probe)
         except Exception as exc:
             return f"re-tracing the folded module failed ({type(exc).__name__}: {_first_line(exc)})"
         if _observe.fx_signature(again) != _observe.fx_signature(graph):
             return "the folded module re-traces to different calls"
-        return ""
-    called = []
-    handles = [bn.register_forward_pre_hook(lambda m, a: called.append(m)) for bn in applied.removed_bns]
+    else:
+        problem = _removed_bn_called(root, examples, applied)
+        if problem:
+            return problem
+    return _compare(root, examples, expected, report)
+
+
+def _removed_bn_called(root, examples, applied: Applied) -> str:
+    memo: dict = {}
     try:
-        with _observe.quiet_run(root):
+        probe, _ = _state.copy_module(root, memo)
+        removed = [memo[id(bn)] for bn in applied.removed_bns if id(bn) in memo]
+    except ModuleCopyError:
+        probe, removed = root, applied.removed_bns  # run under preserved(): state put back
+    called = []
+    handles = [bn.register_forward_pre_hook(lambda m, a: called.append(m)) for bn in removed]
+    try:
+        with _state.preserved(probe), _observe.quiet_run(probe):
             for args, kwargs in examples:
-                root(*args, **kwargs)
+                probe(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
     return "a removed BN is still called through a reference bnfold did not replace" if called else ""
+
+
+def _compare(root, examples, expected, report: FoldReport) -> str:
+    """The folded module's outputs against the original's, bnfold's tolerance rule."""
+    from ..verify import compare_outputs
+
+    if not examples:
+        return ""
+    actual = _run_examples(root, examples)
+    for i, (want, got) in enumerate(zip(expected, actual)):
+        verdict = compare_outputs(want, got)
+        if not verdict:
+            return f"on example {i} the folded module's outputs differ from the original's ({verdict.summary()})"
+    report.extra["check"] = f"outputs match the original on {len(examples)} example(s)"
+    return ""

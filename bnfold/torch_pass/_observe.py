@@ -73,16 +73,22 @@ def fx_signature(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
 
 
 def observe_fx(root: nn.Module, examples: Sequence[Example]) -> Tuple[Observation, torch.fx.Graph]:
+    """The traced graph, with the output rank of every producer call over every example (a
+    call whose rank differs between examples gets a rank that is not its channel layout)."""
     graph = fx_graph(root)
+    ranks: Dict[torch.fx.Node, set] = {}
     if examples:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        args, kwargs = examples[0]
-        if kwargs:
-            raise ValueError("torch.fx shape propagation takes positional example inputs only")
         gm = torch.fx.GraphModule(root, graph)
-        with quiet_run(root):
-            ShapeProp(gm).propagate(*args)
+        for args, kwargs in examples:
+            if kwargs:
+                raise ValueError("torch.fx shape propagation takes positional example inputs only")
+            with quiet_run(root):
+                ShapeProp(gm).propagate(*args)
+            for node in graph.nodes:
+                meta = node.meta.pop("tensor_meta", None)
+                ranks.setdefault(node, set()).add(len(meta.shape) if meta is not None and hasattr(meta, "shape") else None)
     obs = Observation("torch.fx")
     modules = dict(root.named_modules())
     index: Dict[torch.fx.Node, int] = {}
@@ -96,7 +102,7 @@ def observe_fx(root: nn.Module, examples: Sequence[Example]) -> Tuple[Observatio
         mod = modules.get(node.target)
         if is_producer_type(mod):
             index[node] = len(obs.producer_calls)
-            obs.producer_calls.append(_fx_producer_call(node, modules))
+            obs.producer_calls.append(_fx_producer_call(node, modules, ranks.get(node, {None})))
     for node in graph.nodes:
         if node.op == "call_module" and is_batchnorm(modules.get(node.target)):
             src = _fx_input(node)
@@ -110,9 +116,20 @@ def _fx_input(node: torch.fx.Node):
     return node.kwargs.get("input")
 
 
-def _fx_producer_call(node: torch.fx.Node, modules) -> ProducerCall:
-    meta = node.meta.get("tensor_meta")
-    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def merged_rank(ranks: set, out_rank: int) -> Optional[int]:
+    """One rank for a call seen at several: the channel-layout rank only when every example
+    gave it; otherwise one that is not (so the fold is refused), or None when none is known."""
+    known = {r for r in ranks if r is not None}
+    if None in ranks or not known:
+        return None if not known or known == {out_rank} else max(known - {out_rank})
+    return out_rank if known == {out_rank} else max(known - {out_rank})
+
+
+def _fx_producer_call(node: torch.fx.Node, modules, ranks: set) -> ProducerCall:
+    from ._kinds import producer_kind
+
+    pk = producer_kind(modules.get(node.target))
+    rank = merged_rank(ranks, pk.out_rank) if pk is not None else None
     users = list(node.users)
     follower, detail = None, ""
     if len(users) == 1:
@@ -185,10 +202,43 @@ def _export_fqns(ep) -> Dict[str, str]:
     return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
 
 
+def _signature(example: Example):
+    """What torch.export specializes on: shapes, dtypes, devices, and the other values."""
+    leaves, spec = tree_flatten(example)
+    return str(spec), tuple(
+        (tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else repr(v) for v in leaves
+    )
+
+
 def observe_export(root: nn.Module, examples: Sequence[Example]) -> Observation:
+    """One export per distinct example signature; the observations are joined, so a BN folds
+    only when every example's program allows it (the hooks method joins calls the same way)."""
     if not examples:
         raise ValueError("torch.export needs example inputs")
-    args, kwargs = examples[0]
+    seen, joined = set(), None
+    for example in examples:
+        sig = _signature(example)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        obs = _observe_one_export(root, example)
+        joined = obs if joined is None else _join(joined, obs)
+    if len(seen) > 1:
+        joined.notes.append(f"exported once per distinct example shape ({len(seen)} programs)")
+    return joined
+
+
+def _join(a: Observation, b: Observation) -> Observation:
+    offset = len(a.producer_calls)
+    a.producer_calls.extend(b.producer_calls)
+    a.bn_calls.extend(BNCall(c.bn, None if c.producer is None else c.producer + offset, c.source) for c in b.bn_calls)
+    for k, v in b.foreign_use.items():
+        a.foreign_use.setdefault(k, v)
+    return a
+
+
+def _observe_one_export(root: nn.Module, example: Example) -> Observation:
+    args, kwargs = example
     ep = torch.export.export(root, tuple(args), kwargs=dict(kwargs) or None, strict=False)
     fqn = _export_fqns(ep)
     obs = Observation("torch.export")
