@@ -12,7 +12,8 @@ from ..errors import InputError
 from ..report import FoldReport
 from . import _observe, _state
 from ._math import to_numpy
-from ._plan import Applied, Observation, apply, decide, unverified
+from ._fxgraph import fold_graph_calls
+from ._plan import Applied, Observation, apply, decide, producer_refusal, unverified
 from ._state import ModuleCopyError
 
 METHODS = ("auto", "fx", "export", "hooks")
@@ -59,6 +60,7 @@ def fold_module(
     method: str = "auto",
     example_kwargs: Optional[Dict[str, Any]] = None,
     more_examples: Sequence = (),
+    rewrite_graph: bool = True,
 ) -> Tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm that directly follows a Conv/ConvTranspose (1-3d) or Linear module.
 
@@ -104,12 +106,23 @@ def fold_module(
     report = FoldReport(method=obs.method, notes=notes + obs.notes)
     actions = decide(target, obs, report)
     applied = apply(target, actions)
-    problem = _verify(target, obs, graph, examples, applied, expected, report)
+    result = target
+    if graph is not None:
+        refuse = lambda name, mod: producer_refusal(name, mod, obs)  # noqa: E731
+        rewritten = fold_graph_calls(target, graph, report, refuse, rewrite_graph)
+        if rewritten is not None:
+            result = rewritten
+            report.notes.append(
+                f"batch norm calls in forward were folded: the result is a torch.fx GraphModule "
+                f"({type(rewritten).__name__}) of the traced forward"
+            )
+    problem = _verify(target, obs, graph, examples, applied, expected, report, result)
     if problem:
         applied.undo()
         unverified(report, problem)
+        result = target
     report.seconds = time.perf_counter() - start
-    return target, report
+    return result, report
 
 
 def _observe_any(root: nn.Module, examples, method: str) -> Tuple[Observation, Optional[torch.fx.Graph]]:
@@ -160,7 +173,7 @@ def _run_examples(root: nn.Module, examples) -> List[Dict[str, object]]:
     return out
 
 
-def _verify(root, obs: Observation, graph, examples, applied: Applied, expected, report: FoldReport) -> str:
+def _verify(root, obs: Observation, graph, examples, applied: Applied, expected, report: FoldReport, result) -> str:
     """'' when the folded module provably calls no removed BN and matches the original on every
     example; else what went wrong.
 
@@ -169,9 +182,9 @@ def _verify(root, obs: Observation, graph, examples, applied: Applied, expected,
     with the removed BN objects watched (other methods) catches that. Every check runs on a
     throwaway copy of the folded module.
     """
-    if not applied.removed_bns:
+    if not applied.changed and result is root:
         return ""
-    if graph is not None:
+    if graph is not None and applied.removed_bns:
         try:
             with _state.observing(root) as probe:
                 again = _observe.fx_graph(probe)
@@ -179,11 +192,11 @@ def _verify(root, obs: Observation, graph, examples, applied: Applied, expected,
             return f"re-tracing the folded module failed ({type(exc).__name__}: {_first_line(exc)})"
         if _observe.fx_signature(again) != _observe.fx_signature(graph):
             return "the folded module re-traces to different calls"
-    else:
+    elif graph is None:
         problem = _removed_bn_called(root, examples, applied)
         if problem:
             return problem
-    return _compare(root, examples, expected, report)
+    return _compare(result, examples, expected, report)
 
 
 def _removed_bn_called(root, examples, applied: Applied) -> str:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ._kinds import is_batchnorm, is_producer_type
+from ._kinds import is_batchnorm, is_folded_tail, is_producer_type
 from ._plan import BNCall, Observation, ProducerCall
 
 Example = Tuple[tuple, dict]  # (args, kwargs)
@@ -57,10 +57,11 @@ def _owner(target: str) -> str:
 
 
 class _Tracer(torch.fx.Tracer):
-    """Keeps every conv, linear and BN module (subclasses too) as one call node."""
+    """Keeps every conv, linear and BN module (subclasses too), and every folded norm-act's
+    tail, as one call node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or is_producer_type(m) or super().is_leaf_module(m, qualname)
+        return is_batchnorm(m) or is_producer_type(m) or is_folded_tail(m) or super().is_leaf_module(m, qualname)
 
 
 def fx_graph(root: nn.Module) -> torch.fx.Graph:
@@ -128,8 +129,11 @@ def merged_rank(ranks: set, out_rank: int) -> Optional[int]:
 def _fx_producer_call(node: torch.fx.Node, modules, ranks: set) -> ProducerCall:
     from ._kinds import producer_kind
 
+    from ._fxgraph import RANK_META
+
     pk = producer_kind(modules.get(node.target))
     rank = merged_rank(ranks, pk.out_rank) if pk is not None else None
+    node.meta[RANK_META] = rank
     users = list(node.users)
     follower, detail = None, ""
     if len(users) == 1:

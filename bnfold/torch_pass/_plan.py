@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..affine import Refusal
 from ..report import REASONS, FoldReport
-from ._kinds import FOLD_DTYPES, bn_kind, is_batchnorm, is_producer_type, producer_kind, rank_verdict
+from ._kinds import FOLD_DTYPES, BNKind, bn_kind_why, is_batchnorm, is_producer_type, producer_kind, rank_verdict
 from ._math import bn_affine, fold_tensors
 
 # Reason codes this front end adds (their sentences live in bnfold.report.REASONS).
@@ -66,16 +66,17 @@ class Observation:
 class FoldAction:
     bn: str
     producers: List[Tuple[str, torch.Tensor, torch.Tensor]]  # (name, new weight, new bias)
+    replacement: nn.Module  # what the BN module becomes: Identity, or a norm-act's tail
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _bn_refusal(name: str, bn: nn.Module, obs: Observation, calls: List[BNCall]) -> Optional[Refusal]:
+def _bn_refusal(name: str, bn: nn.Module, obs: Observation, calls: List[BNCall], kind, why: str) -> Optional[Refusal]:
     """A reason the BN module itself cannot be folded, whoever feeds it."""
-    if bn_kind(bn) is None:
-        return Refusal("unsupported-module", f"{type(bn).__name__} is not a stock BatchNorm1d/2d/3d")
+    if kind is None:
+        return Refusal("unsupported-module", why)
     if bn.training:
         return Refusal("training-mode", "the BN is in training mode, so it normalizes with batch statistics")
     if bn.running_mean is None or bn.running_var is None:
@@ -89,7 +90,7 @@ def _bn_refusal(name: str, bn: nn.Module, obs: Observation, calls: List[BNCall])
     return None
 
 
-def _producer_refusal(name: str, mod: nn.Module, obs: Observation) -> Optional[Refusal]:
+def producer_refusal(name: str, mod: nn.Module, obs: Observation) -> Optional[Refusal]:
     """A reason the producer module cannot take a fold, whatever follows it."""
     if producer_kind(mod) is None:
         return Refusal("unsupported-module", f"{type(mod).__name__} overrides forward")
@@ -107,7 +108,7 @@ def _producer_refusal(name: str, mod: nn.Module, obs: Observation) -> Optional[R
     return None
 
 
-def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer) -> Optional[Refusal]:
+def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer, bk: BNKind) -> Optional[Refusal]:
     """A reason this one call of the BN cannot be folded into its producer."""
     if call.producer is None:
         return Refusal("no-linear-producer", call.source or "its input is not the output of a conv or linear module")
@@ -117,7 +118,7 @@ def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer) 
         return Refusal("no-linear-producer", f"its input comes from {type(mod).__name__}")
     if pc.follower != call.bn:
         return Refusal("producer-has-other-consumers", pc.detail or "the producer's output is also used elsewhere")
-    refusal = _producer_refusal(pc.module, mod, obs)
+    refusal = producer_refusal(pc.module, mod, obs)
     if refusal:
         return refusal
     followers = {c.follower for c in by_producer[pc.module]}
@@ -127,7 +128,7 @@ def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer) 
             "shared-module-different-bn",
             f"{pc.module} is called {len(by_producer[pc.module])} times; other calls feed {', '.join(others)}",
         )
-    pk, bk = producer_kind(mod), bn_kind(root.get_submodule(call.bn))
+    pk = producer_kind(mod)
     verdict = rank_verdict(pk, bk, pc.rank)
     if verdict == "not-per-channel":
         rank = f"a {pc.rank}-D" if pc.rank is not None else "an"
@@ -145,16 +146,16 @@ def _rule(mod: nn.Module) -> str:
     return "linear-bn" if op == "Linear" else ("convtranspose-bn" if op.startswith("ConvTranspose") else "conv-bn")
 
 
-def _compute(root: nn.Module, bn_name: str, producers: List[str]) -> FoldAction:
+def _compute(root: nn.Module, bn_name: str, producers: List[str], kind: BNKind) -> FoldAction:
     bn = root.get_submodule(bn_name)
-    a, b = bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    a, b = bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, kind.eps)
     out = []
     for name in producers:
         mod = root.get_submodule(name)
         pk = producer_kind(mod)
         w, c = fold_tensors(mod.weight, mod.bias, a, b, pk.axis, pk.groups, name)
         out.append((name, w, c))
-    return FoldAction(bn_name, out)
+    return FoldAction(bn_name, out, kind.replacement())
 
 
 def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAction]:
@@ -171,9 +172,10 @@ def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAc
             continue
         calls = by_bn.get(name, [])
         producers: List[str] = []
-        refusal = _bn_refusal(name, bn, obs, calls)
+        kind, why = bn_kind_why(bn)
+        refusal = _bn_refusal(name, bn, obs, calls, kind, why)
         for call in [] if refusal else calls:
-            refusal = _call_refusal(root, call, obs, by_producer)
+            refusal = _call_refusal(root, call, obs, by_producer, kind)
             if refusal:
                 break
             pname = obs.producer_calls[call.producer].module
@@ -181,7 +183,7 @@ def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAc
                 producers.append(pname)
         if refusal is None:
             try:
-                actions.append(_compute(root, name, producers))
+                actions.append(_compute(root, name, producers, kind))
             except Refusal as exc:
                 refusal = exc
         if refusal is not None:
@@ -191,6 +193,7 @@ def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAc
         for pname in producers:
             mod = root.get_submodule(pname)
             report.add_folded(name, pname, type(mod).__name__, _rule(mod))
+        report.extra.setdefault("fold_methods", {})[name] = "module (norm-act)" if kind.norm_act else "module"
     return actions
 
 
@@ -217,6 +220,10 @@ class Applied:
         self._changes.append((table, key, table.get(key)))
         table[key] = value
 
+    @property
+    def changed(self) -> bool:
+        return bool(self._changes)
+
     def undo(self) -> None:
         for table, key, old in reversed(self._changes):
             table[key] = old
@@ -239,7 +246,7 @@ def apply(root: nn.Module, actions: List[FoldAction]) -> Applied:
         for parent in parents:
             for key, child in list(parent._modules.items()):
                 if child is bn:
-                    done.set(parent._modules, key, nn.Identity())
+                    done.set(parent._modules, key, action.replacement)
     return done
 
 
@@ -251,3 +258,4 @@ def unverified(report: FoldReport, detail: str) -> None:
             seen.add(f.bn)
             report.add_skipped(f.bn, "unverified", detail, f.producer, f.producer_op)
     report.folded.clear()
+    report.extra.pop("fold_methods", None)
