@@ -254,3 +254,38 @@ def test_conv_norm_act_block_with_its_own_fuse_method():
     assert set(report.extra["fold_methods"].values()) == {"module"}
     assert folded.b1.forward_fuse(y := seeded(1, 8, 8, 8)).shape == folded.b1(y).shape
     check_everywhere(model, folded, [(1, (1, 3, 16, 16)), (2, (2, 3, 8, 8))], compiled=False)
+
+
+class UntraceableFunctional(FunctionalNet):
+    """Functional batch norm in a forward torch.fx cannot trace (data-dependent Python)."""
+
+    def forward(self, x):
+        y = F.relu(self.norm(self.conv(x)))
+        if y.shape[-1] > 3:
+            y = y * 2
+        return self.norm_fc(self.fc(y.mean((2, 3))))
+
+
+def test_functional_batch_norm_in_an_untraceable_model_folds_in_the_exported_program():
+    torch.manual_seed(0)
+    model = UntraceableFunctional().eval()
+    x = seeded(2, 3, 10, 10)
+    folded, report = fold_module(model, (x,), more_examples=[(seeded(2, 3, 10, 10, seed=9),)])
+    assert report.method == "torch.export", report.summary(verbose=True)
+    assert report.n_folded == 2 and report.n_skipped == 0, report.summary(verbose=True)
+    assert set(report.extra["fold_methods"].values()) == {"exported-program"}
+    assert_same(model, folded, x)
+    assert_same(model, folded, seeded(2, 3, 10, 10, seed=11))
+    with pytest.raises(Exception):
+        folded(seeded(1, 3, 7, 7))  # the program takes the example's shapes only: no silent result
+
+
+@pytest.mark.parametrize("method", ["export", "hooks"])
+def test_functional_batch_norm_with_examples_of_two_shapes_is_left_and_reported(method):
+    torch.manual_seed(0)
+    model = UntraceableFunctional().eval()
+    x = seeded(2, 3, 10, 10)
+    folded, report = fold_module(model, (x,), method=method, more_examples=[(seeded(1, 3, 6, 6, seed=9),)])
+    assert type(folded) is UntraceableFunctional
+    assert set(reasons(report).values()) == {"functional-bn"} and report.n_skipped == 2, report.summary(verbose=True)
+    assert_same(model, folded, x)

@@ -116,6 +116,8 @@ def fold_module(
                 f"batch norm calls in forward were folded: the result is a torch.fx GraphModule "
                 f"({type(rewritten).__name__}) of the traced forward"
             )
+    elif obs.functional_bns:
+        result = _fold_program(target, obs, examples, report, rewrite_graph)
     problem = _verify(target, obs, graph, examples, applied, expected, report, result)
     if problem:
         applied.undo()
@@ -123,6 +125,45 @@ def fold_module(
         result = target
     report.seconds = time.perf_counter() - start
     return result, report
+
+
+def _fold_program(target: nn.Module, obs: Observation, examples, report: FoldReport, rewrite: bool) -> nn.Module:
+    """Batch-norm calls outside BN modules seen by torch.export or hooks (torch.fx could not
+    trace the model): fold every BN op left in the exported program of the module-folded model,
+    and return that program's module; or leave them, each reported, and return ``target``."""
+    from ._observe import _signature
+    from ._program import fold_module_program
+
+    why = ""
+    if not rewrite:
+        why = "folding this call needs a rewritten forward (rewrite_graph=False)"
+    elif len({_signature(e) for e in examples}) != 1:
+        why = "the examples differ in shape, and the exported program would take only one of them"
+    if not why:
+        try:
+            with _state.observing(target) as probe:
+                program, sub = fold_module_program(probe, examples[0])
+        except Exception as exc:  # the export or the program fold failed: leave the calls
+            why = f"exporting the folded module failed ({type(exc).__name__}: {_first_line(exc)})"
+    if why:
+        for label in obs.functional_bns:
+            report.add_skipped(label, "functional-bn", why)
+        return target
+    left_by_module = {s.bn for s in report.skipped}
+    if not sub.folded:
+        report.skipped.extend(s for s in sub.skipped if s.bn not in left_by_module)
+        return target
+    report.skipped[:] = [s for s in report.skipped if s.bn not in {f.bn for f in sub.folded}]
+    report.skipped.extend(s for s in sub.skipped if s.bn not in left_by_module)
+    methods = report.extra.setdefault("fold_methods", {})
+    for f in sub.folded:
+        report.folded.append(f)
+        methods[f.bn] = "exported-program"
+    report.notes.append(
+        "batch norm calls outside BN modules were folded in torch.export's program of the model: the result is "
+        "that program's module, which takes inputs of the example's shapes only"
+    )
+    return program
 
 
 def _observe_any(root: nn.Module, examples, method: str) -> Tuple[Observation, Optional[torch.fx.Graph]]:

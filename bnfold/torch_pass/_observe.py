@@ -238,6 +238,7 @@ def _join(a: Observation, b: Observation) -> Observation:
     a.bn_calls.extend(BNCall(c.bn, None if c.producer is None else c.producer + offset, c.source) for c in b.bn_calls)
     for k, v in b.foreign_use.items():
         a.foreign_use.setdefault(k, v)
+    a.functional_bns.extend(f for f in b.functional_bns if f not in a.functional_bns)
     return a
 
 
@@ -261,11 +262,19 @@ def _observe_one_export(root: nn.Module, example: Example) -> Observation:
         if node.op == "call_function" and op_name(node) in BN_EVAL_OPS | {"aten::_native_batch_norm_legit", "aten::_native_batch_norm_legit_functional"}:
             path = _bn_path(node, fqn)
             if path is None or not is_batchnorm(modules.get(path)):
+                obs.functional_bns.append(_functional_label(node, fqn))
                 continue
             src = node.args[0]
             source = f"its input comes from {op_name(src) or src.op}" if isinstance(src, torch.fx.Node) else ""
             obs.bn_calls.append(BNCall(path, index.get(src), source))
     return obs
+
+
+def _functional_label(node: torch.fx.Node, fqn: Dict[str, str]) -> str:
+    """A batch-norm op outside a BN module, named by the owner of its running mean."""
+    mean = node.args[3] if len(node.args) > 3 else None
+    name = fqn.get(getattr(mean, "name", None))
+    return _owner(name) if name else node.name
 
 
 def _bn_path(node: torch.fx.Node, fqn: Dict[str, str]) -> Optional[str]:
@@ -310,6 +319,8 @@ def _export_foreign_uses(ep, fqn: Dict[str, str], obs: Observation) -> None:
 # --------------------------------------------------------------------------------------------
 # forward hooks + TorchFunctionMode
 
+_BN_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm}
+
 # Reading these never depends on the values a fold changes.
 _METADATA = {
     torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.__len__,
@@ -352,9 +363,14 @@ class _Watcher(TorchFunctionMode):
                     if t is not None:
                         self.params.setdefault(id(t), (weakref.ref(t), []))[1].append(name)
         self.foreign: Dict[str, str] = {}
+        self.bn_depth = 0  # BN module calls in progress
+        self.module_stack: List[int] = []  # ids of the modules whose calls are in progress
+        self.functional: List[str] = []  # modules that called batch norm outside a BN module
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _BN_FUNCTIONS and not self.bn_depth:
+            self.functional.append(self.names.get(self.module_stack[-1], "") if self.module_stack else "")
         if func not in _METADATA:
             self.reads(tree_flatten((args, kwargs))[0], getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
@@ -377,6 +393,8 @@ class _Watcher(TorchFunctionMode):
 
     def pre(self, module, args, kwargs):
         name = self.names.get(id(module))
+        self.module_stack.append(id(module))
+        self.bn_depth += is_batchnorm(module)
         call = self.next_call
         self.next_call += 1
         self.stack.append(call)
@@ -395,6 +413,8 @@ class _Watcher(TorchFunctionMode):
 
     def post(self, module, args, kwargs, output):
         self.stack.pop()
+        self.module_stack.pop()
+        self.bn_depth -= is_batchnorm(module)
         name = self.names.get(id(module))
         if name is None:
             return
@@ -446,6 +466,10 @@ def _hooks_observation(watcher: _Watcher, n_examples: int) -> Observation:
         obs.bn_calls.append(BNCall(name, index.get(id(t)) if t is not None else None,
                                    "" if t is not None else "its input is not the output of a conv or linear module call"))
     obs.foreign_use = dict(watcher.foreign)
+    for owner in watcher.functional:
+        label = f"{owner or '(top level)'}:batch_norm"
+        if label not in obs.functional_bns:
+            obs.functional_bns.append(label)
     obs.notes.append(
         f"pairs were observed on {n_examples} example input(s); a code path those inputs do not take is not covered"
     )

@@ -60,6 +60,7 @@ class Observation:
     bn_calls: List[BNCall] = field(default_factory=list)
     foreign_use: Dict[str, str] = field(default_factory=dict)  # module -> where its params were read
     notes: List[str] = field(default_factory=list)
+    functional_bns: List[str] = field(default_factory=list)  # batch-norm calls outside BN modules
 
 
 @dataclass
