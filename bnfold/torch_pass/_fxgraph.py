@@ -33,6 +33,7 @@ from ..report import FoldReport
 from ._functional import bn_call_args, inference_eps
 from ._kinds import BNKind, producer_kind, rank_verdict
 from ._math import bn_affine, fold_tensors
+from ._shift import shift_after_class
 
 RANK_META = "bnfold_rank"  # node.meta key: the merged output rank over every example
 
@@ -61,8 +62,9 @@ def labels(nodes: List[torch.fx.Node]) -> Dict[torch.fx.Node, str]:
 
 
 class _Pending:
-    def __init__(self, node, label, producer, weight, bias) -> None:
+    def __init__(self, node, label, producer, weight, bias, shift_after) -> None:
         self.node, self.label, self.producer, self.weight, self.bias = node, label, producer, weight, bias
+        self.shift_after = shift_after
 
 
 def _readers(graph: torch.fx.Graph) -> Dict[str, List[torch.fx.Node]]:
@@ -136,7 +138,7 @@ def _refusal(root: nn.Module, node: torch.fx.Node, calls: Counter, producer_refu
         w, c = fold_tensors(mod.weight, mod.bias, a, b, pk.axis, pk.groups, src.target)
     except Refusal as exc:
         return exc, None
-    return None, (src.target, w, c)
+    return None, (src.target, w, c, shift_after_class(mod, getattr(nn, pk.op)))
 
 
 def fold_graph_calls(root: nn.Module, graph: torch.fx.Graph, report: FoldReport, producer_refusal,
@@ -204,6 +206,8 @@ def _replace_producer(result: torch.fx.GraphModule, p: _Pending) -> None:
     grad = mod.weight.requires_grad
     new._parameters["weight"] = nn.Parameter(p.weight, requires_grad=grad)
     new._parameters["bias"] = nn.Parameter(p.bias, requires_grad=grad)
+    if p.shift_after is not None:
+        new.__class__ = p.shift_after
     if parent._modules.get(key) is not mod:
         raise AssertionError(f"{p.producer} is not a registered submodule of the GraphModule")
     parent._modules[key] = new

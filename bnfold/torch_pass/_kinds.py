@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._functional import FoldedTail, NormAct, prove_norm_act
+from ._shift import ShiftAfterConv1d, ShiftAfterConv2d, ShiftAfterConv3d
 
 FOLD_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -47,6 +48,8 @@ class BNKind:
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# bnfold's own folded convs (bias added after the conv) compute what their base class computes
+_SHIFT_BASES = {ShiftAfterConv1d: nn.Conv1d, ShiftAfterConv2d: nn.Conv2d, ShiftAfterConv3d: nn.Conv3d}
 _BNS = {nn.BatchNorm1d: frozenset({2, 3}), nn.BatchNorm2d: frozenset({4}), nn.BatchNorm3d: frozenset({5})}
 
 
@@ -93,7 +96,7 @@ def is_folded_tail(module: nn.Module) -> bool:
 
 def producer_kind(module: nn.Module) -> Optional[ProducerKind]:
     """The kind of a foldable producer module, or None (a subclass with its own ``forward``)."""
-    base = _stock_base(module, _CONVS)
+    base = _stock_base(module, _CONVS) or _SHIFT_BASES.get(type(module))
     if base is not None:
         k = _CONVS.index(base) + 1
         return ProducerKind(base.__name__, 0, module.groups, k + 2, frozenset({k + 1}), module.out_channels)

@@ -25,6 +25,7 @@ from ..affine import Refusal
 from ..report import REASONS, FoldReport
 from ._kinds import FOLD_DTYPES, BNKind, bn_kind_why, is_batchnorm, is_producer_type, producer_kind, rank_verdict
 from ._math import bn_affine, fold_tensors
+from ._shift import shift_after_class
 
 # Reason codes this front end adds (their sentences live in bnfold.report.REASONS).
 TORCH_REASONS: Dict[str, str] = {
@@ -66,7 +67,7 @@ class Observation:
 @dataclass
 class FoldAction:
     bn: str
-    producers: List[Tuple[str, torch.Tensor, torch.Tensor]]  # (name, new weight, new bias)
+    producers: List[Tuple[str, torch.Tensor, torch.Tensor, Optional[type]]]  # (name, weight, bias, new class)
     replacement: nn.Module  # what the BN module becomes: Identity, or a norm-act's tail
 
 
@@ -155,7 +156,7 @@ def _compute(root: nn.Module, bn_name: str, producers: List[str], kind: BNKind) 
         mod = root.get_submodule(name)
         pk = producer_kind(mod)
         w, c = fold_tensors(mod.weight, mod.bias, a, b, pk.axis, pk.groups, name)
-        out.append((name, w, c))
+        out.append((name, w, c, shift_after_class(mod, getattr(nn, pk.op))))
     return FoldAction(bn_name, out, kind.replacement())
 
 
@@ -215,6 +216,7 @@ class Applied:
 
     def __init__(self) -> None:
         self._changes: List[Tuple[dict, str, object]] = []
+        self._classes: List[Tuple[nn.Module, type]] = []
         self.removed_bns: List[nn.Module] = []
 
     def set(self, table: dict, key: str, value) -> None:
@@ -225,10 +227,17 @@ class Applied:
     def changed(self) -> bool:
         return bool(self._changes)
 
+    def set_class(self, module: nn.Module, cls: type) -> None:
+        self._classes.append((module, type(module)))
+        module.__class__ = cls
+
     def undo(self) -> None:
         for table, key, old in reversed(self._changes):
             table[key] = old
+        for module, cls in reversed(self._classes):
+            module.__class__ = cls
         self._changes.clear()
+        self._classes.clear()
 
 
 def apply(root: nn.Module, actions: List[FoldAction]) -> Applied:
@@ -237,11 +246,13 @@ def apply(root: nn.Module, actions: List[FoldAction]) -> Applied:
     done = Applied()
     parents = list(root.modules())
     for action in actions:
-        for name, weight, bias in action.producers:
+        for name, weight, bias, cls in action.producers:
             mod = root.get_submodule(name)
             grad = mod.weight.requires_grad
             done.set(mod._parameters, "weight", nn.Parameter(weight, requires_grad=grad))
             done.set(mod._parameters, "bias", nn.Parameter(bias, requires_grad=grad))
+            if cls is not None:  # a new bias on a slow CPU path: added after the conv instead
+                done.set_class(mod, cls)
         bn = root.get_submodule(action.bn)
         done.removed_bns.append(bn)
         for parent in parents:
