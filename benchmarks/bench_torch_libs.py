@@ -13,7 +13,9 @@ Per model:
 * ``left_onnx``: BNs ``bnfold.fold_onnx`` leaves in the model exported by
   ``torch.onnx.export(..., training=TrainingMode.PRESERVE)`` (BNs kept as BatchNormalization
   nodes), its outputs under onnxruntime (optimizations off) checked against the original;
-* eager CPU latency, original vs folded, interleaved rounds (A B, B A, ...), medians, ratio.
+* eager CPU latency, original vs folded, interleaved rounds (A B, B A, ...), medians, ratio;
+  timed with the process's CPU time by default (``--clock cpu``: on a shared machine wall time
+  mostly measures the other processes; with one thread the two agree on a quiet machine).
 
     python benchmarks/bench_torch_libs.py                       # every model
     python benchmarks/bench_torch_libs.py --models timm_resnet18 smp_unet --rounds 10
@@ -92,11 +94,13 @@ MODELS: Dict[str, Callable[[], Tuple[nn.Module, torch.Tensor]]] = {
     "timm_resnet18": _timm("resnet18"),
     "timm_mixnet_s": _timm("mixnet_s"),
     "timm_rexnet_100": _timm("rexnet_100"),
+    "timm_repvit_m0_9": _timm("repvit_m0_9"),
     "yolov8n": _yolo("yolov8n.yaml"),
     "yolo11n": _yolo("yolo11n.yaml"),
     "smp_unet_resnet34": _smp("Unet", "resnet34"),
     "smp_deeplabv3plus_resnet34": _smp("DeepLabV3Plus", "resnet34"),
     "smp_fpn_timm_mobilenetv3": _smp("FPN", "tu-mobilenetv3_large_100"),
+    "smp_deeplabv3plus_timm_mobilenetv3": _smp("DeepLabV3Plus", "tu-mobilenetv3_large_100"),
     "monai_unet3d": _monai_unet,
     "monai_densenet121_3d": _monai_densenet,
 }
@@ -171,7 +175,7 @@ def onnx_path(model: nn.Module, x: torch.Tensor, expected: dict) -> Tuple[int, i
     return n_bn, report.n_skipped, ok, json.dumps(report.reason_counts())
 
 
-def latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int) -> Tuple[float, float]:
+def latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, clock=time.process_time) -> Tuple[float, float]:
     ta, tb = [], []
     with torch.no_grad():
         for _ in range(3):
@@ -180,13 +184,13 @@ def latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int) -> Tuple[f
         for r in range(rounds):
             order = [(a, ta), (b, tb)] if r % 2 == 0 else [(b, tb), (a, ta)]
             for model, times in order:
-                t0 = time.perf_counter()
+                t0 = clock()
                 model(x)
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
     return statistics.median(ta), statistics.median(tb)
 
 
-def run_one(name: str, rounds: int) -> dict:
+def run_one(name: str, rounds: int, clock=time.process_time) -> dict:
     torch.manual_seed(0)
     model, x = MODELS[name]()
     model = randomize(model).eval()
@@ -207,7 +211,7 @@ def run_one(name: str, rounds: int) -> dict:
     except Exception as exc:  # an exporter failure is reported, not fatal
         row["onnx_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     if rounds:
-        orig, fold = latency(model, folded, x, rounds)
+        orig, fold = latency(model, folded, x, rounds, clock)
         row.update(orig_ms=round(orig * 1e3, 2), folded_ms=round(fold * 1e3, 2), ratio=round(fold / orig, 3))
     return row
 
@@ -225,15 +229,17 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     rows = []
     header = f"{'model':30} {'BNs':>4} {'torch':>5} {'onnx':>5}  check  {'orig ms':>8} {'fold ms':>8} {'ratio':>6}  methods"
     print(header)
     for name in args.models:
         try:
-            row = run_one(name, 0 if args.no_latency else args.rounds)
+            row = run_one(name, 0 if args.no_latency else args.rounds, clock)
         except Exception as exc:
             row = {"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
             print(f"{name:30} ERROR {row['error']}", flush=True)
@@ -246,7 +252,7 @@ def main(argv: List[str] = None) -> int:
               f"{row['fold_methods']} {row['torch_reasons'] or ''} {row.get('onnx_error', '')}", flush=True)
     if args.json:
         meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-                "rounds": args.rounds, "machine": platform.machine()}
+                "rounds": args.rounds, "clock": args.clock, "machine": platform.machine()}
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     bad = [r["model"] for r in rows if "error" in r or not r.get("torch_check") or r.get("onnx_check") is False]

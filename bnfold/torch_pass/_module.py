@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..report import FoldReport
 from . import _observe, _state
 from ._math import to_numpy
+from ._before import fold_bn_before_linear
 from ._fxgraph import fold_graph_calls
 from ._plan import Applied, Observation, apply, decide, producer_refusal, unverified
 from ._state import ModuleCopyError
@@ -109,6 +110,7 @@ def fold_module(
     result = target
     if graph is not None:
         refuse = lambda name, mod: producer_refusal(name, mod, obs)  # noqa: E731
+        fold_bn_before_linear(target, graph, report, refuse, obs.foreign_use, applied)
         rewritten = fold_graph_calls(target, graph, report, refuse, rewrite_graph)
         if rewritten is not None:
             result = rewritten

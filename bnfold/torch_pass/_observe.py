@@ -73,6 +73,9 @@ def fx_signature(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
 
+RANKS_META = "bnfold_ranks"  # node.meta key: the output ranks seen over every example
+
+
 def observe_fx(root: nn.Module, examples: Sequence[Example]) -> Tuple[Observation, torch.fx.Graph]:
     """The traced graph, with the output rank of every producer call over every example (a
     call whose rank differs between examples gets a rank that is not its channel layout)."""
@@ -90,6 +93,8 @@ def observe_fx(root: nn.Module, examples: Sequence[Example]) -> Tuple[Observatio
             for node in graph.nodes:
                 meta = node.meta.pop("tensor_meta", None)
                 ranks.setdefault(node, set()).add(len(meta.shape) if meta is not None and hasattr(meta, "shape") else None)
+    for node, seen in ranks.items():
+        node.meta[RANKS_META] = frozenset(seen)
     obs = Observation("torch.fx")
     modules = dict(root.named_modules())
     index: Dict[torch.fx.Node, int] = {}
