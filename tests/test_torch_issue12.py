@@ -123,3 +123,12 @@ def test_module_that_cannot_be_deep_copied_folds(inplace):
         assert folded.lock is model.lock  # the lock is shared, and the report says so
         assert any("shared" in n for n in report.notes)
     assert_same(reference, folded, x)
+
+
+def test_an_example_the_model_cannot_run_is_a_clear_error():
+    from bnfold.torch_pass import ModelTraceError
+
+    model = randomize(CountingForward()).eval()
+    with pytest.raises(ModelTraceError, match="fails on example 1"):
+        fold_module(model, (seeded(2, 3, 8, 8),), more_examples=[(seeded(2, 5, 8, 8),)])
+    assert model.calls == 0

@@ -63,21 +63,30 @@ def fold_module(
     more_examples: Sequence = (),
     rewrite_graph: bool = True,
 ) -> Tuple[nn.Module, FoldReport]:
-    """Fold every BatchNorm that directly follows a Conv/ConvTranspose (1-3d) or Linear module.
+    """Fold every BatchNorm that directly follows a Conv/ConvTranspose (1-3d) or Linear module
+    (and a BatchNorm1d directly before a Linear), however the model spells it.
 
     Returns ``(folded, report)``. ``folded`` is a deep copy of ``module`` in eval mode (the
     module itself with ``inplace=True``) whose producers carry the folded weights and whose
-    folded BNs are replaced by ``nn.Identity``; ``report`` lists each BN folded or left, with a
-    reason code, and the method that found the pairs.
+    folded BN modules are replaced by ``nn.Identity`` (a proven norm-act BN subclass by the part
+    of its forward after the batch norm). When a batch-norm *call* in some ``forward`` was
+    folded (``rewrite_graph=True``), ``folded`` is instead a ``torch.fx.GraphModule`` of the
+    traced forward, or torch.export's module of the model when fx cannot trace it (example
+    shapes only); ``module`` is then not changed. ``report`` lists each BN folded or left, with
+    a reason code, and ``report.extra["fold_methods"]`` says how each was folded.
 
     Preconditions: ``module`` is in eval mode, or ``allow_training=True`` (then the copy is put
     in eval mode and folded with the BNs' running statistics). ``example_inputs`` (a tensor or a
     tuple of positional arguments, on the module's device) lets bnfold propagate shapes, which
-    Conv1d/Linear + BatchNorm1d need, and observe models that torch.fx cannot trace.
-    ``method``: "auto" (torch.fx, then torch.export, then forward hooks), or one of them.
+    Conv1d/Linear + BatchNorm1d need, observe models that torch.fx cannot trace, and run the
+    result against the original (every fold is undone if an output differs). ``more_examples``
+    are honoured by every method. ``method``: "auto" (torch.fx, then torch.export, then
+    forward hooks), or one of them. Observing never runs the module returned: it runs a copy.
 
     Raises TrainingModeError (training mode without ``allow_training``), ModelTraceError (no
-    method could see the dataflow), or ValueError (unknown method).
+    method could see the dataflow, or the model fails on an example), ModuleNotCopyable (not
+    even a copy sharing its un-copyable attributes can be made; fold with ``inplace=True``),
+    or ValueError (unknown method).
     """
     start = time.perf_counter()
     if not isinstance(module, nn.Module):
@@ -208,9 +217,12 @@ def _run_examples(root: nn.Module, examples) -> List[Dict[str, object]]:
     from torch.utils._pytree import tree_flatten
 
     out = []
-    for args, kwargs in examples:
+    for i, (args, kwargs) in enumerate(examples):
         with _state.observing(root) as probe, _observe.quiet_run(probe):
-            result = probe(*args, **kwargs)
+            try:
+                result = probe(*args, **kwargs)
+            except Exception as exc:  # the model's own error on this input
+                raise ModelTraceError(f"the model fails on example {i}: {type(exc).__name__}: {_first_line(exc)}") from exc
         leaves = [v for v in tree_flatten(result)[0] if isinstance(v, torch.Tensor)]
         out.append({f"output_{i}": to_numpy(v) for i, v in enumerate(leaves)})
     return out
