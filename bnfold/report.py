@@ -41,6 +41,7 @@ REASONS: Dict[str, str] = {
     "parameter-used-elsewhere": "a weight or buffer of the module is also read outside its own calls",
     "not-called": "the BN is never called on the traced or observed path",
     "unverified": "the folded module did not re-trace to the same calls, so the fold was undone",
+    "functional-bn": "a batch norm call in forward folds only by rewriting forward (rewrite_graph=False)",
 }
 
 # Mul/Add/Sub/Div runs folded or left by the ONNX rules are listed in ``extra`` under these

@@ -12,7 +12,7 @@ torch; ``import bnfold`` does not import it.
 
 from __future__ import annotations
 
-from ._module import METHODS, ModelTraceError, TrainingModeError, fold_module
+from ._module import METHODS, ModelTraceError, ModuleNotCopyable, TrainingModeError, fold_module
 from ._plan import TORCH_REASONS
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "load_program",
     "TrainingModeError",
     "ModelTraceError",
+    "ModuleNotCopyable",
     "TORCH_REASONS",
     "METHODS",
 ]

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ._kinds import is_batchnorm, is_producer_type
+from ._kinds import is_batchnorm, is_folded_tail, is_producer_type
 from ._plan import BNCall, Observation, ProducerCall
 
 Example = Tuple[tuple, dict]  # (args, kwargs)
@@ -57,10 +57,11 @@ def _owner(target: str) -> str:
 
 
 class _Tracer(torch.fx.Tracer):
-    """Keeps every conv, linear and BN module (subclasses too) as one call node."""
+    """Keeps every conv, linear and BN module (subclasses too), and every folded norm-act's
+    tail, as one call node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batchnorm(m) or is_producer_type(m) or super().is_leaf_module(m, qualname)
+        return is_batchnorm(m) or is_producer_type(m) or is_folded_tail(m) or super().is_leaf_module(m, qualname)
 
 
 def fx_graph(root: nn.Module) -> torch.fx.Graph:
@@ -72,17 +73,28 @@ def fx_signature(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
 
+RANKS_META = "bnfold_ranks"  # node.meta key: the output ranks seen over every example
+
+
 def observe_fx(root: nn.Module, examples: Sequence[Example]) -> Tuple[Observation, torch.fx.Graph]:
+    """The traced graph, with the output rank of every producer call over every example (a
+    call whose rank differs between examples gets a rank that is not its channel layout)."""
     graph = fx_graph(root)
+    ranks: Dict[torch.fx.Node, set] = {}
     if examples:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        args, kwargs = examples[0]
-        if kwargs:
-            raise ValueError("torch.fx shape propagation takes positional example inputs only")
         gm = torch.fx.GraphModule(root, graph)
-        with quiet_run(root):
-            ShapeProp(gm).propagate(*args)
+        for args, kwargs in examples:
+            if kwargs:
+                raise ValueError("torch.fx shape propagation takes positional example inputs only")
+            with quiet_run(root):
+                ShapeProp(gm).propagate(*args)
+            for node in graph.nodes:
+                meta = node.meta.pop("tensor_meta", None)
+                ranks.setdefault(node, set()).add(len(meta.shape) if meta is not None and hasattr(meta, "shape") else None)
+    for node, seen in ranks.items():
+        node.meta[RANKS_META] = frozenset(seen)
     obs = Observation("torch.fx")
     modules = dict(root.named_modules())
     index: Dict[torch.fx.Node, int] = {}
@@ -96,7 +108,7 @@ def observe_fx(root: nn.Module, examples: Sequence[Example]) -> Tuple[Observatio
         mod = modules.get(node.target)
         if is_producer_type(mod):
             index[node] = len(obs.producer_calls)
-            obs.producer_calls.append(_fx_producer_call(node, modules))
+            obs.producer_calls.append(_fx_producer_call(node, modules, ranks.get(node, {None})))
     for node in graph.nodes:
         if node.op == "call_module" and is_batchnorm(modules.get(node.target)):
             src = _fx_input(node)
@@ -110,9 +122,23 @@ def _fx_input(node: torch.fx.Node):
     return node.kwargs.get("input")
 
 
-def _fx_producer_call(node: torch.fx.Node, modules) -> ProducerCall:
-    meta = node.meta.get("tensor_meta")
-    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+def merged_rank(ranks: set, out_rank: int) -> Optional[int]:
+    """One rank for a call seen at several: the channel-layout rank only when every example
+    gave it; otherwise one that is not (so the fold is refused), or None when none is known."""
+    known = {r for r in ranks if r is not None}
+    if None in ranks or not known:
+        return None if not known or known == {out_rank} else max(known - {out_rank})
+    return out_rank if known == {out_rank} else max(known - {out_rank})
+
+
+def _fx_producer_call(node: torch.fx.Node, modules, ranks: set) -> ProducerCall:
+    from ._kinds import producer_kind
+
+    from ._fxgraph import RANK_META
+
+    pk = producer_kind(modules.get(node.target))
+    rank = merged_rank(ranks, pk.out_rank) if pk is not None else None
+    node.meta[RANK_META] = rank
     users = list(node.users)
     follower, detail = None, ""
     if len(users) == 1:
@@ -185,10 +211,44 @@ def _export_fqns(ep) -> Dict[str, str]:
     return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
 
 
+def _signature(example: Example):
+    """What torch.export specializes on: shapes, dtypes, devices, and the other values."""
+    leaves, spec = tree_flatten(example)
+    return str(spec), tuple(
+        (tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else repr(v) for v in leaves
+    )
+
+
 def observe_export(root: nn.Module, examples: Sequence[Example]) -> Observation:
+    """One export per distinct example signature; the observations are joined, so a BN folds
+    only when every example's program allows it (the hooks method joins calls the same way)."""
     if not examples:
         raise ValueError("torch.export needs example inputs")
-    args, kwargs = examples[0]
+    seen, joined = set(), None
+    for example in examples:
+        sig = _signature(example)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        obs = _observe_one_export(root, example)
+        joined = obs if joined is None else _join(joined, obs)
+    if len(seen) > 1:
+        joined.notes.append(f"exported once per distinct example shape ({len(seen)} programs)")
+    return joined
+
+
+def _join(a: Observation, b: Observation) -> Observation:
+    offset = len(a.producer_calls)
+    a.producer_calls.extend(b.producer_calls)
+    a.bn_calls.extend(BNCall(c.bn, None if c.producer is None else c.producer + offset, c.source) for c in b.bn_calls)
+    for k, v in b.foreign_use.items():
+        a.foreign_use.setdefault(k, v)
+    a.functional_bns.extend(f for f in b.functional_bns if f not in a.functional_bns)
+    return a
+
+
+def _observe_one_export(root: nn.Module, example: Example) -> Observation:
+    args, kwargs = example
     ep = torch.export.export(root, tuple(args), kwargs=dict(kwargs) or None, strict=False)
     fqn = _export_fqns(ep)
     obs = Observation("torch.export")
@@ -207,11 +267,19 @@ def observe_export(root: nn.Module, examples: Sequence[Example]) -> Observation:
         if node.op == "call_function" and op_name(node) in BN_EVAL_OPS | {"aten::_native_batch_norm_legit", "aten::_native_batch_norm_legit_functional"}:
             path = _bn_path(node, fqn)
             if path is None or not is_batchnorm(modules.get(path)):
+                obs.functional_bns.append(_functional_label(node, fqn))
                 continue
             src = node.args[0]
             source = f"its input comes from {op_name(src) or src.op}" if isinstance(src, torch.fx.Node) else ""
             obs.bn_calls.append(BNCall(path, index.get(src), source))
     return obs
+
+
+def _functional_label(node: torch.fx.Node, fqn: Dict[str, str]) -> str:
+    """A batch-norm op outside a BN module, named by the owner of its running mean."""
+    mean = node.args[3] if len(node.args) > 3 else None
+    name = fqn.get(getattr(mean, "name", None))
+    return _owner(name) if name else node.name
 
 
 def _bn_path(node: torch.fx.Node, fqn: Dict[str, str]) -> Optional[str]:
@@ -256,6 +324,8 @@ def _export_foreign_uses(ep, fqn: Dict[str, str], obs: Observation) -> None:
 # --------------------------------------------------------------------------------------------
 # forward hooks + TorchFunctionMode
 
+_BN_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm}
+
 # Reading these never depends on the values a fold changes.
 _METADATA = {
     torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.__len__,
@@ -298,9 +368,14 @@ class _Watcher(TorchFunctionMode):
                     if t is not None:
                         self.params.setdefault(id(t), (weakref.ref(t), []))[1].append(name)
         self.foreign: Dict[str, str] = {}
+        self.bn_depth = 0  # BN module calls in progress
+        self.module_stack: List[int] = []  # ids of the modules whose calls are in progress
+        self.functional: List[str] = []  # modules that called batch norm outside a BN module
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _BN_FUNCTIONS and not self.bn_depth:
+            self.functional.append(self.names.get(self.module_stack[-1], "") if self.module_stack else "")
         if func not in _METADATA:
             self.reads(tree_flatten((args, kwargs))[0], getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
@@ -323,6 +398,8 @@ class _Watcher(TorchFunctionMode):
 
     def pre(self, module, args, kwargs):
         name = self.names.get(id(module))
+        self.module_stack.append(id(module))
+        self.bn_depth += is_batchnorm(module)
         call = self.next_call
         self.next_call += 1
         self.stack.append(call)
@@ -341,6 +418,8 @@ class _Watcher(TorchFunctionMode):
 
     def post(self, module, args, kwargs, output):
         self.stack.pop()
+        self.module_stack.pop()
+        self.bn_depth -= is_batchnorm(module)
         name = self.names.get(id(module))
         if name is None:
             return
@@ -392,6 +471,10 @@ def _hooks_observation(watcher: _Watcher, n_examples: int) -> Observation:
         obs.bn_calls.append(BNCall(name, index.get(id(t)) if t is not None else None,
                                    "" if t is not None else "its input is not the output of a conv or linear module call"))
     obs.foreign_use = dict(watcher.foreign)
+    for owner in watcher.functional:
+        label = f"{owner or '(top level)'}:batch_norm"
+        if label not in obs.functional_bns:
+            obs.functional_bns.append(label)
     obs.notes.append(
         f"pairs were observed on {n_examples} example input(s); a code path those inputs do not take is not covered"
     )

@@ -23,8 +23,9 @@ import torch.nn as nn
 
 from ..affine import Refusal
 from ..report import REASONS, FoldReport
-from ._kinds import FOLD_DTYPES, bn_kind, is_batchnorm, is_producer_type, producer_kind, rank_verdict
+from ._kinds import FOLD_DTYPES, BNKind, bn_kind_why, is_batchnorm, is_producer_type, producer_kind, rank_verdict
 from ._math import bn_affine, fold_tensors
+from ._shift import shift_after_class
 
 # Reason codes this front end adds (their sentences live in bnfold.report.REASONS).
 TORCH_REASONS: Dict[str, str] = {
@@ -60,22 +61,24 @@ class Observation:
     bn_calls: List[BNCall] = field(default_factory=list)
     foreign_use: Dict[str, str] = field(default_factory=dict)  # module -> where its params were read
     notes: List[str] = field(default_factory=list)
+    functional_bns: List[str] = field(default_factory=list)  # batch-norm calls outside BN modules
 
 
 @dataclass
 class FoldAction:
     bn: str
-    producers: List[Tuple[str, torch.Tensor, torch.Tensor]]  # (name, new weight, new bias)
+    producers: List[Tuple[str, torch.Tensor, torch.Tensor, Optional[type]]]  # (name, weight, bias, new class)
+    replacement: nn.Module  # what the BN module becomes: Identity, or a norm-act's tail
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _bn_refusal(name: str, bn: nn.Module, obs: Observation, calls: List[BNCall]) -> Optional[Refusal]:
+def _bn_refusal(name: str, bn: nn.Module, obs: Observation, calls: List[BNCall], kind, why: str) -> Optional[Refusal]:
     """A reason the BN module itself cannot be folded, whoever feeds it."""
-    if bn_kind(bn) is None:
-        return Refusal("unsupported-module", f"{type(bn).__name__} is not a stock BatchNorm1d/2d/3d")
+    if kind is None:
+        return Refusal("unsupported-module", why)
     if bn.training:
         return Refusal("training-mode", "the BN is in training mode, so it normalizes with batch statistics")
     if bn.running_mean is None or bn.running_var is None:
@@ -89,7 +92,7 @@ def _bn_refusal(name: str, bn: nn.Module, obs: Observation, calls: List[BNCall])
     return None
 
 
-def _producer_refusal(name: str, mod: nn.Module, obs: Observation) -> Optional[Refusal]:
+def producer_refusal(name: str, mod: nn.Module, obs: Observation) -> Optional[Refusal]:
     """A reason the producer module cannot take a fold, whatever follows it."""
     if producer_kind(mod) is None:
         return Refusal("unsupported-module", f"{type(mod).__name__} overrides forward")
@@ -107,7 +110,7 @@ def _producer_refusal(name: str, mod: nn.Module, obs: Observation) -> Optional[R
     return None
 
 
-def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer) -> Optional[Refusal]:
+def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer, bk: BNKind) -> Optional[Refusal]:
     """A reason this one call of the BN cannot be folded into its producer."""
     if call.producer is None:
         return Refusal("no-linear-producer", call.source or "its input is not the output of a conv or linear module")
@@ -117,7 +120,7 @@ def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer) 
         return Refusal("no-linear-producer", f"its input comes from {type(mod).__name__}")
     if pc.follower != call.bn:
         return Refusal("producer-has-other-consumers", pc.detail or "the producer's output is also used elsewhere")
-    refusal = _producer_refusal(pc.module, mod, obs)
+    refusal = producer_refusal(pc.module, mod, obs)
     if refusal:
         return refusal
     followers = {c.follower for c in by_producer[pc.module]}
@@ -127,7 +130,7 @@ def _call_refusal(root: nn.Module, call: BNCall, obs: Observation, by_producer) 
             "shared-module-different-bn",
             f"{pc.module} is called {len(by_producer[pc.module])} times; other calls feed {', '.join(others)}",
         )
-    pk, bk = producer_kind(mod), bn_kind(root.get_submodule(call.bn))
+    pk = producer_kind(mod)
     verdict = rank_verdict(pk, bk, pc.rank)
     if verdict == "not-per-channel":
         rank = f"a {pc.rank}-D" if pc.rank is not None else "an"
@@ -145,16 +148,16 @@ def _rule(mod: nn.Module) -> str:
     return "linear-bn" if op == "Linear" else ("convtranspose-bn" if op.startswith("ConvTranspose") else "conv-bn")
 
 
-def _compute(root: nn.Module, bn_name: str, producers: List[str]) -> FoldAction:
+def _compute(root: nn.Module, bn_name: str, producers: List[str], kind: BNKind) -> FoldAction:
     bn = root.get_submodule(bn_name)
-    a, b = bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    a, b = bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, kind.eps)
     out = []
     for name in producers:
         mod = root.get_submodule(name)
         pk = producer_kind(mod)
         w, c = fold_tensors(mod.weight, mod.bias, a, b, pk.axis, pk.groups, name)
-        out.append((name, w, c))
-    return FoldAction(bn_name, out)
+        out.append((name, w, c, shift_after_class(mod, getattr(nn, pk.op))))
+    return FoldAction(bn_name, out, kind.replacement())
 
 
 def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAction]:
@@ -171,9 +174,10 @@ def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAc
             continue
         calls = by_bn.get(name, [])
         producers: List[str] = []
-        refusal = _bn_refusal(name, bn, obs, calls)
+        kind, why = bn_kind_why(bn)
+        refusal = _bn_refusal(name, bn, obs, calls, kind, why)
         for call in [] if refusal else calls:
-            refusal = _call_refusal(root, call, obs, by_producer)
+            refusal = _call_refusal(root, call, obs, by_producer, kind)
             if refusal:
                 break
             pname = obs.producer_calls[call.producer].module
@@ -181,7 +185,7 @@ def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAc
                 producers.append(pname)
         if refusal is None:
             try:
-                actions.append(_compute(root, name, producers))
+                actions.append(_compute(root, name, producers, kind))
             except Refusal as exc:
                 refusal = exc
         if refusal is not None:
@@ -191,6 +195,7 @@ def decide(root: nn.Module, obs: Observation, report: FoldReport) -> List[FoldAc
         for pname in producers:
             mod = root.get_submodule(pname)
             report.add_folded(name, pname, type(mod).__name__, _rule(mod))
+        report.extra.setdefault("fold_methods", {})[name] = "module (norm-act)" if kind.norm_act else "module"
     return actions
 
 
@@ -211,16 +216,28 @@ class Applied:
 
     def __init__(self) -> None:
         self._changes: List[Tuple[dict, str, object]] = []
+        self._classes: List[Tuple[nn.Module, type]] = []
         self.removed_bns: List[nn.Module] = []
 
     def set(self, table: dict, key: str, value) -> None:
         self._changes.append((table, key, table.get(key)))
         table[key] = value
 
+    @property
+    def changed(self) -> bool:
+        return bool(self._changes)
+
+    def set_class(self, module: nn.Module, cls: type) -> None:
+        self._classes.append((module, type(module)))
+        module.__class__ = cls
+
     def undo(self) -> None:
         for table, key, old in reversed(self._changes):
             table[key] = old
+        for module, cls in reversed(self._classes):
+            module.__class__ = cls
         self._changes.clear()
+        self._classes.clear()
 
 
 def apply(root: nn.Module, actions: List[FoldAction]) -> Applied:
@@ -229,17 +246,19 @@ def apply(root: nn.Module, actions: List[FoldAction]) -> Applied:
     done = Applied()
     parents = list(root.modules())
     for action in actions:
-        for name, weight, bias in action.producers:
+        for name, weight, bias, cls in action.producers:
             mod = root.get_submodule(name)
             grad = mod.weight.requires_grad
             done.set(mod._parameters, "weight", nn.Parameter(weight, requires_grad=grad))
             done.set(mod._parameters, "bias", nn.Parameter(bias, requires_grad=grad))
+            if cls is not None:  # a new bias on a slow CPU path: added after the conv instead
+                done.set_class(mod, cls)
         bn = root.get_submodule(action.bn)
         done.removed_bns.append(bn)
         for parent in parents:
             for key, child in list(parent._modules.items()):
                 if child is bn:
-                    done.set(parent._modules, key, nn.Identity())
+                    done.set(parent._modules, key, action.replacement)
     return done
 
 
@@ -251,3 +270,4 @@ def unverified(report: FoldReport, detail: str) -> None:
             seen.add(f.bn)
             report.add_skipped(f.bn, "unverified", detail, f.producer, f.producer_op)
     report.folded.clear()
+    report.extra.pop("fold_methods", None)

@@ -485,3 +485,17 @@ def fold_program_file(src_path: str, dst_path: Optional[str]) -> FoldReport:
         with staged_output(dst_path, protect={os.path.realpath(src_path)}) as staged:
             torch.export.save(ep, staged)
     return report
+
+
+def fold_module_program(module: nn.Module, example) -> Tuple[nn.Module, FoldReport]:
+    """Export ``module`` on one example and fold every BN op of the program, whatever module or
+    function spelled it; return ``(ep.module(), report)``.
+
+    The returned GraphModule is torch.export's: it takes inputs of the example's shapes only
+    (others fail its guards; nothing is silently recomputed for them). ``module`` is traced, not
+    changed: call this on a throwaway copy.
+    """
+    args, kwargs = example
+    ep = torch.export.export(module, tuple(args), kwargs=dict(kwargs) or None, strict=False)
+    ep, report = fold_exported_program(ep)
+    return ep.module(), report
