@@ -22,9 +22,10 @@ import tempfile
 from typing import BinaryIO, Iterator, Optional, Set, Tuple
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from . import onnx_proto
 from .errors import ExternalDataError, InputError, LimitError, OutputError
+from .onnx_proto import AttributeProto, GraphProto, ModelProto, TensorProto  # enums and field numbers only
 from .onnx_wire import copy_range, is_stub, key, make_stub, point_to, read_lazy, stub_source, varint
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized protobuf message cannot exceed 2 GiB
@@ -40,9 +41,12 @@ def load_model(path: str, load_external: bool = True) -> ModelProto:
 
 
 def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[str]]:
-    """Like :func:`load_model`; also return the real paths of the external data files read."""
+    """Like :func:`load_model`; also return the real paths of the external data files read.
+
+    The model's classes are :func:`bnfold.onnx_proto.message_classes`' (onnx's or bnfold's own).
+    """
     data = _read_file(path)
-    model = ModelProto()
+    model = onnx_proto.message_classes().ModelProto()
     try:
         model.ParseFromString(data)
     except RecursionError:
@@ -68,9 +72,7 @@ def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[s
 MAX_TENSOR_BYTES = 1 << 40
 ABSURD_UNBACKED_BYTES = 1 << 31
 
-_SUB_BYTE_TYPES = {
-    getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)
-}
+_SUB_BYTE_TYPES = onnx_proto.SUB_BYTE_TYPES
 
 
 def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
@@ -101,14 +103,10 @@ def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
         )
 
 
-@functools.lru_cache(maxsize=None)
 def _itemsize(data_type: int) -> Optional[int]:
-    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or data_type in _SUB_BYTE_TYPES:
-        return None
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-    except Exception:  # a type this onnx does not know: leave it to the runtime
-        return None
+    """Bytes per element; None for strings, packed sub-byte types and types bnfold does not know
+    (left to the runtime)."""
+    return onnx_proto.ITEMSIZE.get(data_type)
 
 
 def _stored_bytes(tensor: TensorProto) -> Optional[int]:
@@ -256,14 +254,14 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     """
     if tensor.data_location != TensorProto.EXTERNAL:
         if tensor.data_type in _PLAIN_TYPES and tensor.HasField("raw_data"):
-            # numpy_helper.to_array costs ~15 us of Python per call; a fold reads six per BN
+            # the general conversion costs ~15 us of Python per call; a fold reads six per BN
             dtype = _plain_dtype(tensor.data_type)
             raw = tensor.raw_data
             count = math.prod(tensor.dims)
             if len(raw) != count * dtype.itemsize:
                 raise InputError(f"tensor '{tensor.name}': {len(raw)} bytes of data for {count} elements")
             return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-        return numpy_helper.to_array(tensor)
+        return onnx_proto.to_array(tensor)
     if not is_stub(tensor):  # a reference from the model itself: never followed from here
         raise ExternalDataError(f"tensor '{tensor.name}': its external data was not loaded")
     info = {e.key: e.value for e in tensor.external_data}
@@ -278,12 +276,12 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     with open(location, "rb") as f:
         f.seek(offset)
         raw = f.read(length) if length >= 0 else f.read()
-    loaded = TensorProto()
+    loaded = type(tensor)()
     loaded.CopyFrom(tensor)
     del loaded.external_data[:]
     loaded.data_location = TensorProto.DEFAULT
     loaded.raw_data = raw
-    return numpy_helper.to_array(loaded)
+    return onnx_proto.to_array(loaded)
 
 
 _PLAIN_TYPES = {
@@ -295,7 +293,7 @@ _PLAIN_TYPES = {
 
 @functools.lru_cache(maxsize=None)
 def _plain_dtype(data_type: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
+    return np.dtype(onnx_proto.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
 
 
 def load_external_data(model: ModelProto, base_dir: str) -> Set[str]:
@@ -464,7 +462,7 @@ def write_streaming(model: ModelProto, out: BinaryIO) -> None:
 
 
 def _without_location(stub: TensorProto) -> TensorProto:
-    header = TensorProto()
+    header = type(stub)()
     header.CopyFrom(stub)
     del header.external_data[:]
     header.ClearField("data_location")
