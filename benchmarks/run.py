@@ -142,8 +142,9 @@ BNFOLD_PATH: Optional[str] = None  # set by main() to the snapshot folder
 
 
 def tool_env(tool: str) -> Optional[Dict[str, str]]:
-    """bnfold runs from the snapshot (if any), found first on PYTHONPATH."""
-    if tool != "bnfold" or BNFOLD_PATH is None:
+    """bnfold (and proto_floor, which uses its message classes) run from the snapshot (if any),
+    found first on PYTHONPATH."""
+    if tool not in ("bnfold", "proto_floor") or BNFOLD_PATH is None:
         return None
     env = dict(os.environ)
     env["PYTHONPATH"] = BNFOLD_PATH + os.pathsep + env.get("PYTHONPATH", "")
