@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -253,14 +254,35 @@ def summarize(entry: Dict[str, Any]) -> None:
         entry["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
 
 
+SAMPLES = sorted(glob.glob(os.path.join(REPO, "sample_models", "*.onnx")))
+
+
 def bench_startup(runs: int) -> Dict[str, Any]:
-    """Start-up cost of the bnfold command alone (``bnfold --help``) and of a bare Python."""
-    out = {}
-    for label, cmd, tool in (("python", [sys.executable, "-c", "pass"], None),
-                             ("bnfold --help", [sys.executable, "-c", BNFOLD_MAIN, "--help"], "bnfold")):
-        entry = {"runs": [run_process(cmd, 60, tool_env(tool or "")) for _ in range(runs)]}
+    """Start-up: bare Python and imports, ``bnfold --help``, and ``bnfold SAMPLE -o OUT
+    --no-check`` beside onnxruntime's offline basic optimization on each sample model (issue
+    16: a small fold is mostly start-up). Round-robin over all of them, ``runs`` rounds."""
+    cases = [("python", [sys.executable, "-c", "pass"], None),
+             ("import numpy", [sys.executable, "-c", "import numpy"], None),
+             ("import onnx", [sys.executable, "-c", "import onnx"], None),
+             ("import onnxruntime", [sys.executable, "-c", "import onnxruntime"], None),
+             ("bnfold --help", [sys.executable, "-c", BNFOLD_MAIN, "--help"], "bnfold")]
+    dst = os.path.join(WORK, "startup.out.onnx")
+    for sample in SAMPLES:
+        name = os.path.basename(sample)
+        cases.append((f"bnfold {name} --no-check", tool_command("bnfold", sample, dst, False), "bnfold"))
+        cases.append((f"ort_basic {name}", tool_command("ort_basic", sample, dst, False), None))
+    out: Dict[str, Any] = {label: {"runs": []} for label, _, _ in cases}
+    os.makedirs(WORK, exist_ok=True)
+    for _ in range(runs):
+        for label, cmd, tool in cases:
+            out[label]["runs"].append(run_process(cmd, 120, tool_env(tool or "")))
+            remove_output(dst)
+    for label, entry in out.items():
         summarize(entry)
-        out[label] = entry
+        if label.startswith("bnfold ") and label.endswith(" --no-check"):
+            ort = out[f"ort_basic {label[len('bnfold '):-len(' --no-check')]}"]["runs"]
+            pairs = [a["seconds"] / b["seconds"] for a, b in zip(entry["runs"], ort)]
+            entry["per_round_ratio_to_ort_basic"] = statistics.median(pairs)
     return out
 
 
