@@ -10,7 +10,7 @@ so background load hits them alike, and the tables show medians.
 Writes ``scale.md`` (table), ``scale.json`` (every run) and ``scale.png`` (time, time per node and
 peak memory against node count; needs matplotlib, else the plot is skipped with a note; redo it
 from the JSON with ``--plot-only`` in any environment that has matplotlib) to ``--out``
-(default ``benchmarks/``). The 1,000,000-node model is about 170 MB and takes minutes to build
+(default ``benchmarks/scale/``). The 1,000,000-node model is about 170 MB and takes minutes to build
 once and minutes per fold on 2 cores: ``--big-runs`` (default 1) runs for it.
 """
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds before a run is killed (default 1200)")
     parser.add_argument("--bnfold-ref", default="HEAD", help="git ref of bnfold to measure, or 'worktree'")
     parser.add_argument("--note", default="", help="a line for the table (e.g. how loaded the machine was)")
-    parser.add_argument("--out", default=HERE, help="folder for scale.md, scale.json, scale.png")
+    parser.add_argument("--out", default=os.path.join(HERE, "scale"), help="folder for scale.md, scale.json, scale.png")
     parser.add_argument("--plot-only", action="store_true", help="redraw scale.png from scale.json in --out")
     args = parser.parse_args(argv)
     json_path = os.path.join(args.out, "scale.json")
