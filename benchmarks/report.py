@@ -150,6 +150,7 @@ def markdown(result: Dict[str, Any]) -> str:
         (f"Models {', '.join(env['updated_models'])} were measured in a second run (`--update`, {env['runs']} run(s) per tool) "
          f"on {env['date']}; the others in a first run on {env['first_run']['date']} with {env['first_run']['runs']} runs per tool "
          f"(bnfold at `{env['first_run']['git']}`).\n" if env.get("first_run") else ""),
+        (f"**Note:** {env['note']}\n" if env.get("note") else ""),
         (f"Latency tables re-measured on {env['latency_rerun']} (`--latency-only`).\n" if env.get("latency_rerun") else ""),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".\n",
         "## Targets (issues #6 and #16)\n",

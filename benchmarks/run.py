@@ -352,6 +352,7 @@ def environment(args) -> Dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "load_average_at_start": os.getloadavg()[0],
+        "note": args.note,
     }
 
 
@@ -377,6 +378,7 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=float, help="seconds before a run is killed and the tool marked failed "
                         "(default 300; quick: 60)")
     parser.add_argument("--no-latency", action="store_true", help="skip the inference-latency part")
+    parser.add_argument("--note", default="", help="a sentence for the top of RESULTS.md (e.g. how busy the machine was)")
     parser.add_argument("--ort-threads", type=int, default=1, help="ORT intra-op threads for latency (default 1; 0: all cores)")
     parser.add_argument("--update", action="store_true",
                         help="keep the other models' results in the existing results.json; replace only the models run now")
