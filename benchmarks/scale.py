@@ -28,7 +28,13 @@ from typing import Any, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import run  # noqa: E402  (benchmarks/ is not a package)
+
+
+def _run():
+    """The harness (run.py); imported only to measure, so --plot-only needs just matplotlib."""
+    import run  # benchmarks/ is not a package
+
+    return run
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000]
 TOOLS = ["bnfold", "floor", "proto_floor"]
@@ -37,6 +43,7 @@ BIG = 1_000_000  # sizes from here on get --big-runs runs
 
 def chain_path(nodes: int) -> str:
     """The chain model of ``nodes`` nodes in the work folder, built once."""
+    run = _run()
     os.makedirs(run.WORK, exist_ok=True)
     path = os.path.join(run.WORK, f"scale_{nodes}.onnx")
     if not os.path.exists(path):
@@ -57,6 +64,7 @@ def node_count(nodes: int) -> int:
 
 
 def measure(sizes: List[int], runs: int, big_runs: int, timeout: float) -> Dict[str, Any]:
+    run = _run()
     paths = {n: chain_path(n) for n in sizes}
     results: Dict[str, Any] = {str(n): {t: {"runs": []} for t in TOOLS} for n in sizes}
     for round_no in range(max(runs, big_runs)):
@@ -169,6 +177,7 @@ def main(argv=None) -> int:
         note = plot(result, os.path.join(args.out, "scale.png"))
         print(note or f"wrote {os.path.join(args.out, 'scale.png')}")
         return 1 if note else 0
+    run = _run()
     run.BNFOLD_PATH = run.bnfold_snapshot(args.bnfold_ref)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
