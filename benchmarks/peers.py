@@ -8,6 +8,8 @@ as a user runs it, and reads the process's peak RSS from the kernel. Tools:
 - ``ort_basic``: onnxruntime's offline optimization at the basic level (which fuses Conv+BN),
   writing the optimized model with ``optimized_model_filepath``.
 - ``onnxoptimizer``: ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])`` + save.
+- ``proto_floor``: the same round trip with bnfold's own message classes (``bnfold.onnx_proto``):
+  parse and serialize, without ``import onnx`` (inline weights only).
 
 onnxslim and onnxsim run through their own command lines (see ``run.py``), not from here.
 With ``--external`` (a model stored with external data) the output is written with external data
@@ -34,6 +36,17 @@ def floor(src: str, dst: str, external: bool) -> None:
     import onnx
 
     _save(onnx.load(src), dst, external)
+
+
+def proto_floor(src: str, dst: str, external: bool) -> None:
+    from bnfold.onnx_proto import ModelProto
+
+    if external:
+        raise SystemExit("proto_floor: inline weights only")
+    with open(src, "rb") as f:
+        model = ModelProto.FromString(f.read())
+    with open(dst, "wb") as f:
+        f.write(model.SerializeToString())
 
 
 def onnx_ir(src: str, dst: str, external: bool) -> None:
@@ -67,7 +80,7 @@ def onnxoptimizer(src: str, dst: str, external: bool) -> None:
     _save(opt.optimize(onnx.load(src), ["fuse_bn_into_conv"]), dst, external)
 
 
-TOOLS = {"floor": floor, "onnx_ir": onnx_ir, "ort_basic": ort_basic, "onnxoptimizer": onnxoptimizer}
+TOOLS = {"floor": floor, "proto_floor": proto_floor, "onnx_ir": onnx_ir, "ort_basic": ort_basic, "onnxoptimizer": onnxoptimizer}
 
 
 def main(argv) -> int:

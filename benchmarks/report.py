@@ -19,6 +19,7 @@ INLINE_MEMORY_MODELS = ["resnet50", "vgg11bn"]
 MEMORY_FACTOR = 1.5  # peak RSS at most this times the file, for inline weights
 EXTERNAL_FACTOR = 0.25  # "far below its size": at most a quarter of it
 CHAIN_SECONDS = 10.0  # "folds in seconds"
+STARTUP_SECONDS = 0.3  # issue 16: a sample model folds with --no-check in this, whole process
 NOISE = 0.03  # latency ratios up to 1 + NOISE are reported as "within noise", not as a failure
 
 
@@ -42,6 +43,7 @@ def targets(result: Dict[str, Any]) -> List[Dict[str, str]]:
         out += _memory_target(result, model, MEMORY_FACTOR, "inline weights")
     out += _memory_target(result, "xl_external", EXTERNAL_FACTOR, "external data")
     out += _chain_target(result)
+    out += _startup_targets(result.get("startup", {}))
     for model, entry in result["models"].items():
         out += _latency_targets(model, entry.get("latency"))
     out += _torch_target(result.get("torch_eager"))
@@ -82,6 +84,24 @@ def _chain_target(result) -> List[Dict[str, str]]:
     scaling = f"; 10× the nodes took {big / small:.1f}× the time" if small else ""
     value = f"{big:.2f} s for 100,000 nodes{scaling}"
     return [_target("100,000-node graph", value, f"< {CHAIN_SECONDS:.0f} s (linear)", "pass" if big < CHAIN_SECONDS else "FAIL")]
+
+
+def _startup_targets(startup: Dict[str, Any]) -> List[Dict[str, str]]:
+    """Issue 16: each sample fold (--no-check) within STARTUP_SECONDS and not slower than
+    onnxruntime's offline basic optimization of the same file (ratio of each round's pair)."""
+    out = []
+    for label, entry in startup.items():
+        if not (label.startswith("bnfold ") and label.endswith(" --no-check")) or "median_s" not in entry:
+            continue
+        name = label[len("bnfold "):-len(" --no-check")]
+        ratio = entry.get("per_round_ratio_to_ort_basic")
+        ort = startup.get(f"ort_basic {name}", {}).get("median_s")
+        value = f"{entry['median_s']:.2f} s" + (f"; ort_basic {ort:.2f} s; per-round ratio {ratio:.2f}" if ratio else "")
+        fast = entry["median_s"] <= STARTUP_SECONDS
+        beats = ratio is not None and ratio <= 1 + NOISE
+        out.append(_target(f"start-up, {name} --no-check", value,
+                           f"≤ {STARTUP_SECONDS} s and ≤ ort_basic", "pass" if fast and beats else "FAIL"))
+    return out
 
 
 def _latency_targets(model: str, lat: Optional[Dict[str, Any]]) -> List[Dict[str, str]]:
@@ -130,9 +150,10 @@ def markdown(result: Dict[str, Any]) -> str:
         (f"Models {', '.join(env['updated_models'])} were measured in a second run (`--update`, {env['runs']} run(s) per tool) "
          f"on {env['date']}; the others in a first run on {env['first_run']['date']} with {env['first_run']['runs']} runs per tool "
          f"(bnfold at `{env['first_run']['git']}`).\n" if env.get("first_run") else ""),
+        (f"**Note:** {env['note']}\n" if env.get("note") else ""),
         (f"Latency tables re-measured on {env['latency_rerun']} (`--latency-only`).\n" if env.get("latency_rerun") else ""),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".\n",
-        "## Targets (issue #6)\n",
+        "## Targets (issues #6 and #16)\n",
         _table(["target", "measured", "goal", "status"],
                [[t["target"], t["measured"], t["goal"], t["status"]] for t in result.get("targets", [])]),
         _startup_section(result.get("startup", {})),
@@ -150,10 +171,14 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def _startup_section(startup: Dict[str, Any]) -> str:
-    rows = [[label, f"{e['median_s']:.2f}", f"{e['peak_rss_mb']:.0f}"] for label, e in startup.items() if "median_s" in e]
+    rows = [[label, f"{e['median_s']:.2f}", f"{e['peak_rss_mb']:.0f}",
+             f"{e['per_round_ratio_to_ort_basic']:.2f}" if "per_round_ratio_to_ort_basic" in e else ""]
+            for label, e in startup.items() if "median_s" in e]
     if not rows:
         return ""
-    return "## Start-up\n\n" + _table(["process", "median s", "peak RSS MB"], rows)
+    return ("## Start-up\n\nWhole processes, round-robin; *÷ ort_basic*: median over rounds of bnfold's time "
+            "over onnxruntime's offline basic optimization of the same sample model in that round.\n\n"
+            + _table(["process", "median s", "peak RSS MB", "÷ ort_basic"], rows))
 
 
 def _fold_section(model: str, entry: Dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -142,8 +143,9 @@ BNFOLD_PATH: Optional[str] = None  # set by main() to the snapshot folder
 
 
 def tool_env(tool: str) -> Optional[Dict[str, str]]:
-    """bnfold runs from the snapshot (if any), found first on PYTHONPATH."""
-    if tool != "bnfold" or BNFOLD_PATH is None:
+    """bnfold (and proto_floor, which uses its message classes) run from the snapshot (if any),
+    found first on PYTHONPATH."""
+    if tool not in ("bnfold", "proto_floor") or BNFOLD_PATH is None:
         return None
     env = dict(os.environ)
     env["PYTHONPATH"] = BNFOLD_PATH + os.pathsep + env.get("PYTHONPATH", "")
@@ -252,14 +254,35 @@ def summarize(entry: Dict[str, Any]) -> None:
         entry["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
 
 
+SAMPLES = sorted(glob.glob(os.path.join(REPO, "sample_models", "*.onnx")))
+
+
 def bench_startup(runs: int) -> Dict[str, Any]:
-    """Start-up cost of the bnfold command alone (``bnfold --help``) and of a bare Python."""
-    out = {}
-    for label, cmd, tool in (("python", [sys.executable, "-c", "pass"], None),
-                             ("bnfold --help", [sys.executable, "-c", BNFOLD_MAIN, "--help"], "bnfold")):
-        entry = {"runs": [run_process(cmd, 60, tool_env(tool or "")) for _ in range(runs)]}
+    """Start-up: bare Python and imports, ``bnfold --help``, and ``bnfold SAMPLE -o OUT
+    --no-check`` beside onnxruntime's offline basic optimization on each sample model (issue
+    16: a small fold is mostly start-up). Round-robin over all of them, ``runs`` rounds."""
+    cases = [("python", [sys.executable, "-c", "pass"], None),
+             ("import numpy", [sys.executable, "-c", "import numpy"], None),
+             ("import onnx", [sys.executable, "-c", "import onnx"], None),
+             ("import onnxruntime", [sys.executable, "-c", "import onnxruntime"], None),
+             ("bnfold --help", [sys.executable, "-c", BNFOLD_MAIN, "--help"], "bnfold")]
+    dst = os.path.join(WORK, "startup.out.onnx")
+    for sample in SAMPLES:
+        name = os.path.basename(sample)
+        cases.append((f"bnfold {name} --no-check", tool_command("bnfold", sample, dst, False), "bnfold"))
+        cases.append((f"ort_basic {name}", tool_command("ort_basic", sample, dst, False), None))
+    out: Dict[str, Any] = {label: {"runs": []} for label, _, _ in cases}
+    os.makedirs(WORK, exist_ok=True)
+    for _ in range(runs):
+        for label, cmd, tool in cases:
+            out[label]["runs"].append(run_process(cmd, 120, tool_env(tool or "")))
+            remove_output(dst)
+    for label, entry in out.items():
         summarize(entry)
-        out[label] = entry
+        if label.startswith("bnfold ") and label.endswith(" --no-check"):
+            ort = out[f"ort_basic {label[len('bnfold '):-len(' --no-check')]}"]["runs"]
+            pairs = [a["seconds"] / b["seconds"] for a, b in zip(entry["runs"], ort)]
+            entry["per_round_ratio_to_ort_basic"] = statistics.median(pairs)
     return out
 
 
@@ -329,6 +352,7 @@ def environment(args) -> Dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "load_average_at_start": os.getloadavg()[0],
+        "note": args.note,
     }
 
 
@@ -354,6 +378,7 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=float, help="seconds before a run is killed and the tool marked failed "
                         "(default 300; quick: 60)")
     parser.add_argument("--no-latency", action="store_true", help="skip the inference-latency part")
+    parser.add_argument("--note", default="", help="a sentence for the top of RESULTS.md (e.g. how busy the machine was)")
     parser.add_argument("--ort-threads", type=int, default=1, help="ORT intra-op threads for latency (default 1; 0: all cores)")
     parser.add_argument("--update", action="store_true",
                         help="keep the other models' results in the existing results.json; replace only the models run now")

@@ -19,12 +19,14 @@ import math
 import os
 import shutil
 import tempfile
-from typing import BinaryIO, Iterator, Optional, Set, Tuple
+from typing import BinaryIO, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
+from google.protobuf.message import EncodeError
 
+from . import onnx_proto
 from .errors import ExternalDataError, InputError, LimitError, OutputError
+from .onnx_proto import AttributeProto, GraphProto, ModelProto, TensorProto  # enums and field numbers only
 from .onnx_wire import copy_range, is_stub, key, make_stub, point_to, read_lazy, stub_source, varint
 
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized protobuf message cannot exceed 2 GiB
@@ -40,9 +42,23 @@ def load_model(path: str, load_external: bool = True) -> ModelProto:
 
 
 def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[str]]:
-    """Like :func:`load_model`; also return the real paths of the external data files read."""
+    """Like :func:`load_model`; also return the real paths of the external data files read.
+
+    The model's classes are :func:`bnfold.onnx_proto.message_classes`' (onnx's or bnfold's own).
+    """
+    model = _parse(path)
+    files: Set[str] = set()
+    if load_external:
+        files = load_external_data(model, os.path.dirname(os.path.abspath(path)))
+    for tensor in iter_tensors(model.graph):
+        check_tensor_size(tensor, _stored_bytes(tensor))
+    return model, files
+
+
+def _parse(path: str) -> ModelProto:
+    """The whole file parsed, its tensors not checked yet."""
     data = _read_file(path)
-    model = ModelProto()
+    model = onnx_proto.message_classes().ModelProto()
     try:
         model.ParseFromString(data)
     except RecursionError:
@@ -52,14 +68,13 @@ def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[s
             raise LimitError(f"{path}: the model is nested too deeply to parse") from None
         raise InputError(f"{path}: not an ONNX model (the protobuf is corrupt or truncated)") from None
     del data
+    _check_is_model(model, path)
+    return model
+
+
+def _check_is_model(model: ModelProto, path: str) -> None:
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
-    files: Set[str] = set()
-    if load_external:
-        files = load_external_data(model, os.path.dirname(os.path.abspath(path)))
-    for tensor in iter_tensors(model.graph):
-        check_tensor_size(tensor, _stored_bytes(tensor))
-    return model, files
 
 
 # Tensors claiming more than this are refused outright (LimitError), whatever their data;
@@ -68,9 +83,8 @@ def read_model(path: str, load_external: bool = True) -> Tuple[ModelProto, Set[s
 MAX_TENSOR_BYTES = 1 << 40
 ABSURD_UNBACKED_BYTES = 1 << 31
 
-_SUB_BYTE_TYPES = {
-    getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)
-}
+_SUB_BYTE_TYPES = onnx_proto.SUB_BYTE_TYPES
+_ITEMSIZE = onnx_proto.ITEMSIZE
 
 
 def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
@@ -78,47 +92,49 @@ def check_tensor_size(tensor: TensorProto, stored: Optional[int]) -> None:
 
     ``stored`` is the number of data bytes it holds (raw or external), None when its values
     sit in typed fields. Checked before anything is read or allocated from its dims.
+    (Runs once per tensor of every model read: kept to a few protobuf accesses.)
     """
     dims = tensor.dims
     if dims and min(dims) < 0:
         raise InputError(f"tensor '{tensor.name or '<unnamed>'}' has a negative dimension {list(dims)}")
-    name = tensor.name or "<unnamed>"
-    count = 1
-    for d in tensor.dims:
-        count *= d  # Python ints: no overflow
-    itemsize = _itemsize(tensor.data_type)
-    need = (count + 1) // 2 if tensor.data_type in _SUB_BYTE_TYPES else (None if itemsize is None else count * itemsize)
+    count = math.prod(dims)  # Python ints: no overflow
+    data_type = tensor.data_type
+    itemsize = _ITEMSIZE.get(data_type)
+    if itemsize is not None:
+        need = count * itemsize
+    else:
+        need = (count + 1) // 2 if data_type in _SUB_BYTE_TYPES else None
     if need is not None and need > MAX_TENSOR_BYTES or count > MAX_TENSOR_BYTES:
-        raise LimitError(f"tensor '{name}' claims {count} elements of shape {list(tensor.dims)}; refused")
+        name = tensor.name or "<unnamed>"
+        raise LimitError(f"tensor '{name}' claims {count} elements of shape {list(dims)}; refused")
     if stored is not None and need is not None and stored != need:
+        name = tensor.name or "<unnamed>"
         if need > ABSURD_UNBACKED_BYTES:
             raise LimitError(
-                f"tensor '{name}' claims {count} elements of shape {list(tensor.dims)} "
+                f"tensor '{name}' claims {count} elements of shape {list(dims)} "
                 f"but holds {stored} bytes; refused"
             )
         raise InputError(
-            f"tensor '{name}' of shape {list(tensor.dims)} needs {need} bytes of data but holds {stored}"
+            f"tensor '{name}' of shape {list(dims)} needs {need} bytes of data but holds {stored}"
         )
 
 
-@functools.lru_cache(maxsize=None)
 def _itemsize(data_type: int) -> Optional[int]:
-    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or data_type in _SUB_BYTE_TYPES:
-        return None
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-    except Exception:  # a type this onnx does not know: leave it to the runtime
-        return None
+    """Bytes per element; None for strings, packed sub-byte types and types bnfold does not know
+    (left to the runtime)."""
+    return onnx_proto.ITEMSIZE.get(data_type)
 
 
 def _stored_bytes(tensor: TensorProto) -> Optional[int]:
-    if is_stub(tensor):
-        return stub_source(tensor)[2]
     if tensor.data_location == TensorProto.EXTERNAL:
-        return None  # not loaded (load_external=False)
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    return None
+        return stub_source(tensor)[2] if is_stub(tensor) else None  # None: not loaded
+    return _inline_bytes(tensor)
+
+
+def _inline_bytes(tensor: TensorProto) -> Optional[int]:
+    """The size of a tensor's ``raw_data``; None when its values are in typed fields."""
+    raw = tensor.raw_data
+    return len(raw) if raw or tensor.HasField("raw_data") else None
 
 
 # Files smaller than this are parsed whole: there is little memory to save, and a file this
@@ -130,6 +146,7 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
     """Like :func:`read_model`, but large main-graph weights stay on disk as stubs
     (see :mod:`bnfold.onnx_wire`) until something reads them. For file-to-file folding:
     the writer copies untouched weights through without ever holding them in memory.
+    External data stays on disk the same way (a small file may point at gigabytes of it).
     """
     check_readable(path)
     model, stub_positions = None, []
@@ -138,29 +155,36 @@ def read_model_lazy(path: str) -> Tuple[ModelProto, Set[str]]:
             model, stub_positions = read_lazy(path)
         except Exception:  # malformed (WireError, protobuf's DecodeError, ...): the full parser words it
             model = None
-    checked = model is None  # read_model checks the sizes of the tensors it holds
     if model is None:
-        # A small file may still point at gigabytes of external data: parse it, but leave
-        # the external tensors on disk (they become stubs below).
-        model, _ = read_model(path, load_external=False)
-    elif not model.HasField("graph") or model.ir_version <= 0:
-        raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
+        model = _parse(path)
+    else:
+        _check_is_model(model, path)
     base_dir = os.path.dirname(os.path.abspath(path))
     stubs = set(stub_positions)
     files: Set[str] = set()
+    external = TensorProto.EXTERNAL
+    # One walk over every tensor: sizes checked, external initializers turned into stubs.
     for i, tensor in enumerate(model.graph.initializer):
-        if i in stubs or tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        real, offset, length = external_reference(tensor, base_dir)
-        if length is None:
-            length = os.path.getsize(real) - offset
-        make_stub(tensor, real, offset, length)
-        check_tensor_size(tensor, length)
-        files.add(real)
+        if tensor.data_location != external:
+            check_tensor_size(tensor, _inline_bytes(tensor))
+        elif i in stubs:
+            check_tensor_size(tensor, stub_source(tensor)[2])
+        else:
+            real, offset, length = external_reference(tensor, base_dir)
+            if length is None:
+                length = os.path.getsize(real) - offset
+            make_stub(tensor, real, offset, length)
+            check_tensor_size(tensor, length)
+            files.add(real)
     # External tensors elsewhere (subgraphs, attributes) are few: read them now.
-    rest = [t for t in iter_tensors(model.graph, initializers=False) if t.data_location == TensorProto.EXTERNAL]
+    rest = []
+    for tensor in iter_tensors(model.graph, initializers=False):
+        if tensor.data_location == external:
+            rest.append(tensor)
+        else:
+            check_tensor_size(tensor, _inline_bytes(tensor))
     files |= _load_external_tensors(rest, base_dir)
-    for tensor in rest if checked else iter_tensors(model.graph):
+    for tensor in rest:
         check_tensor_size(tensor, _stored_bytes(tensor))
     return model, files
 
@@ -194,17 +218,24 @@ def iter_tensors(graph: GraphProto, initializers: bool = True) -> Iterator[Tenso
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    for node in graph.node:  # every attribute of every node: keep the loop lean
         for attr in node.attribute:
-            if attr.type == AttributeProto.TENSOR:
+            kind = attr.type
+            if kind not in _TENSOR_HOLDERS:
+                continue
+            if kind == _TENSOR:
                 yield attr.t
-            elif attr.type == AttributeProto.TENSORS:
+            elif kind == _TENSORS:
                 yield from attr.tensors
-            elif attr.type == AttributeProto.GRAPH:
+            elif kind == _GRAPH:
                 yield from iter_tensors(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
+            else:
                 for g in attr.graphs:
                     yield from iter_tensors(g)
+
+
+_TENSOR, _TENSORS, _GRAPH = AttributeProto.TENSOR, AttributeProto.TENSORS, AttributeProto.GRAPH
+_TENSOR_HOLDERS = frozenset((_TENSOR, _TENSORS, _GRAPH, AttributeProto.GRAPHS))
 
 
 def external_reference(tensor: TensorProto, base_dir: str) -> Tuple[str, int, Optional[int]]:
@@ -252,18 +283,24 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
 
     A tensor whose data stays in a file (bnfold's lazy loading keeps untouched weights on
     disk) points at it with an *absolute*, already validated location; it is read here on
-    demand. Everything else goes through onnx's own conversion.
+    demand. Everything else goes through :func:`bnfold.onnx_proto.to_array` (onnx's rules).
     """
     if tensor.data_location != TensorProto.EXTERNAL:
-        if tensor.data_type in _PLAIN_TYPES and tensor.HasField("raw_data"):
-            # numpy_helper.to_array costs ~15 us of Python per call; a fold reads six per BN
-            dtype = _plain_dtype(tensor.data_type)
+        # the general conversion costs ~15 us of Python per call, and a fold reads six per BN:
+        # the common case (raw little-endian bytes of a numpy type) takes a few accesses
+        data_type = tensor.data_type
+        dtype = _RAW_DTYPES.get(data_type)
+        if dtype is None and data_type in _PLAIN_TYPES:
+            dtype = _plain_dtype(data_type)  # bfloat16: ml_dtypes' type
+        if dtype is not None:
             raw = tensor.raw_data
-            count = math.prod(tensor.dims)
-            if len(raw) != count * dtype.itemsize:
-                raise InputError(f"tensor '{tensor.name}': {len(raw)} bytes of data for {count} elements")
-            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-        return numpy_helper.to_array(tensor)
+            if raw or tensor.HasField("raw_data"):
+                dims = tuple(tensor.dims)
+                count = math.prod(dims)
+                if len(raw) != count * dtype.itemsize:
+                    raise InputError(f"tensor '{tensor.name}': {len(raw)} bytes of data for {count} elements")
+                return np.frombuffer(raw, dtype=dtype).reshape(dims)
+        return onnx_proto.to_array(tensor)
     if not is_stub(tensor):  # a reference from the model itself: never followed from here
         raise ExternalDataError(f"tensor '{tensor.name}': its external data was not loaded")
     info = {e.key: e.value for e in tensor.external_data}
@@ -278,12 +315,12 @@ def tensor_array(tensor: TensorProto) -> "np.ndarray":
     with open(location, "rb") as f:
         f.seek(offset)
         raw = f.read(length) if length >= 0 else f.read()
-    loaded = TensorProto()
+    loaded = type(tensor)()
     loaded.CopyFrom(tensor)
     del loaded.external_data[:]
     loaded.data_location = TensorProto.DEFAULT
     loaded.raw_data = raw
-    return numpy_helper.to_array(loaded)
+    return onnx_proto.to_array(loaded)
 
 
 _PLAIN_TYPES = {
@@ -293,9 +330,12 @@ _PLAIN_TYPES = {
 }
 
 
+_RAW_DTYPES = {t: onnx_proto.NP_DTYPES[t].newbyteorder("<") for t in _PLAIN_TYPES if t in onnx_proto.NP_DTYPES}
+
+
 @functools.lru_cache(maxsize=None)
 def _plain_dtype(data_type: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
+    return np.dtype(onnx_proto.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
 
 
 def load_external_data(model: ModelProto, base_dir: str) -> Set[str]:
@@ -344,15 +384,20 @@ def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -
     ``external=None`` writes external data only when the model would exceed the 2 GiB protobuf
     limit. When writing external data, ``model``'s large tensors are moved out of it.
     """
-    if external is None:
-        external = model_size(model) > PROTOBUF_LIMIT
+    plan = None
+    if not external:
+        plan = _stream_plan(model)  # sizes every part: decides as well as model_size(), exactly
+        if plan is None:
+            if external is False:
+                raise OutputError("the model exceeds the 2 GiB protobuf limit; write it with external data")
+            external = True
     try:
         with open(path, "wb") as out:
             if external:
                 with open(path + ".data", "wb") as data_out:
                     _write_external(model, out, data_out, os.path.basename(path) + ".data")
             else:
-                write_streaming(model, out)
+                _write_plan(model, plan, out)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
@@ -401,11 +446,13 @@ def staged_output(path: str, protect: Set[str] = frozenset()) -> Iterator[str]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def shallow_copy(msg, skip: str):
-    """A copy of protobuf message ``msg`` without its field ``skip`` (which may be large)."""
+def shallow_copy(msg, skip):
+    """A copy of protobuf message ``msg`` without its field ``skip`` (which may be large; a
+    field name, or several in a tuple)."""
+    skips = {skip} if isinstance(skip, str) else set(skip)
     out = type(msg)()
     for field, value in msg.ListFields():
-        if field.name == skip:
+        if field.name in skips:
             continue
         if _is_repeated(field):
             getattr(out, field.name).extend(value)
@@ -423,6 +470,7 @@ def _is_repeated(field) -> bool:
 
 _GRAPH_FIELD = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INIT_FIELD = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_NODE_FIELD = GraphProto.DESCRIPTOR.fields_by_name["node"].number
 _RAW_FIELD = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
@@ -433,38 +481,95 @@ def write_streaming(model: ModelProto, out: BinaryIO) -> None:
     graph is written last and its initializers after its other fields. A lazy stub's bytes
     are copied from its file into the tensor's ``raw_data``, never held in memory.
     """
-    head = shallow_copy(model, "graph").SerializeToString(deterministic=True)
-    graph_rest = shallow_copy(model.graph, "initializer").SerializeToString(deterministic=True)
-    pieces = []  # (header bytes or None, data size, stub source or None)
+    plan = _stream_plan(model)
+    if plan is None:
+        raise OutputError("the model exceeds the 2 GiB protobuf limit; write it with external data")
+    _write_plan(model, plan, out)
+
+
+# Initializers up to this size are serialized while the output is sized (once, not twice: a
+# 100,000-node graph has 133,000 of them); larger ones when written, so that a model's weights
+# are never held twice.
+_SMALL_TENSOR_BYTES = 1 << 16
+_FLUSH_BYTES = 1 << 20
+
+
+def _stream_plan(model: ModelProto):
+    """What :func:`_write_plan` writes: ``(head, graph_rest, graph_len, pieces)``, each piece
+    ``(prefix bytes, size, stub source or None)``, where ``prefix`` is the initializer's key and
+    length, followed by a stub's header or a small tensor's whole serialization. None when the
+    model exceeds the 2 GiB protobuf limit."""
+    try:
+        head = shallow_copy(model, "graph").SerializeToString(deterministic=True)
+        # The nodes one by one, not through a copy of the graph (a copy of 100,000 nodes costs
+        # 85 MB that the process keeps); field 1, so they come first, as in a whole serialization.
+        node_key = key(_NODE_FIELD)
+        parts = []
+        for node in model.graph.node:
+            body = node.SerializeToString(deterministic=True)
+            parts.append(node_key + varint(len(body)) + body)
+        parts.append(shallow_copy(model.graph, ("node", "initializer")).SerializeToString(deterministic=True))
+        graph_rest = b"".join(parts)
+        del parts
+    except EncodeError:  # over 2 GiB without the initializers (huge Constant nodes)
+        return None
+    if len(graph_rest) > PROTOBUF_LIMIT:
+        return None
+    init_key = key(_INIT_FIELD)
+    pieces = []
+    total = len(graph_rest)
+    external = TensorProto.EXTERNAL
     for t in model.graph.initializer:
-        if is_stub(t):
+        if t.data_location == external and is_stub(t):
             path, offset, length = stub_source(t)
             header = _without_location(t).SerializeToString(deterministic=True) + key(_RAW_FIELD) + varint(length)
-            pieces.append((header, len(header) + length, (path, offset, length)))
-        else:  # serialized when written: holding them all would double their memory
-            pieces.append((None, t.ByteSize(), None))
-    init_key = key(_INIT_FIELD)
-    graph_len = len(graph_rest) + sum(len(init_key) + len(varint(size)) + size for _, size, _ in pieces)
-    if len(head) + graph_len > PROTOBUF_LIMIT:
-        raise OutputError("the model exceeds the 2 GiB protobuf limit; write it with external data")
+            size = len(header) + length
+            pieces.append((init_key + varint(size) + header, size, (path, offset, length)))
+        else:
+            size = t.ByteSize()
+            prefix = init_key + varint(size)
+            if size <= _SMALL_TENSOR_BYTES:
+                prefix += t.SerializeToString(deterministic=True)
+            pieces.append((prefix, size, None))
+        total += len(init_key) + len(varint(size)) + size
+    if len(head) + len(key(_GRAPH_FIELD)) + len(varint(total)) + total > PROTOBUF_LIMIT:
+        return None
+    return head, graph_rest, total, pieces
+
+
+def _write_plan(model: ModelProto, plan, out: BinaryIO) -> None:
+    head, graph_rest, graph_len, pieces = plan
     out.write(head)
     out.write(key(_GRAPH_FIELD) + varint(graph_len))
     out.write(graph_rest)
-    for t, (header, size, src) in zip(model.graph.initializer, pieces):
-        out.write(init_key + varint(size))
+    buffer: List[bytes] = []
+    buffered = 0
+    for t, (prefix, size, src) in zip(model.graph.initializer, pieces):
+        if src is None and size <= _SMALL_TENSOR_BYTES:
+            buffer.append(prefix)  # the whole tensor, serialized while sizing
+            buffered += len(prefix)
+            if buffered >= _FLUSH_BYTES:
+                out.write(b"".join(buffer))
+                buffer, buffered = [], 0
+            continue
+        if buffer:
+            out.write(b"".join(buffer))
+            buffer, buffered = [], 0
+        out.write(prefix)
         if src:
-            out.write(header)
             copy_range(*src, out)
-        else:
+        else:  # serialized only now: holding every large one would double their memory
             body = t.SerializeToString(deterministic=True)
             if len(body) != size:
                 raise OutputError(f"tensor '{t.name}' changed size while being written")
             out.write(body)
             del body
+    if buffer:
+        out.write(b"".join(buffer))
 
 
 def _without_location(stub: TensorProto) -> TensorProto:
-    header = TensorProto()
+    header = type(stub)()
     header.CopyFrom(stub)
     del header.external_data[:]
     header.ClearField("data_location")

@@ -15,7 +15,8 @@ import os
 import secrets
 from typing import Iterator, List, Optional, Tuple
 
-from onnx import GraphProto, ModelProto, TensorProto
+from . import onnx_proto
+from .onnx_proto import GraphProto, ModelProto, TensorProto  # enums and field numbers only
 
 LAZY_MIN_BYTES = 4096  # smaller tensors are parsed as usual
 
@@ -30,6 +31,8 @@ class WireError(ValueError):
 
 
 def varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -39,6 +42,9 @@ def varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def key(field_number: int) -> bytes:
@@ -126,6 +132,7 @@ def make_stub(header: TensorProto, path: str, offset: int, length: int) -> Tenso
 
 def read_lazy(path: str) -> Tuple[ModelProto, List[int]]:
     """Parse the model at ``path``, leaving large main-graph ``raw_data`` in the file.
+    Its classes are :func:`bnfold.onnx_proto.message_classes`' (onnx's or bnfold's own).
 
     Returns the model and the positions (in ``model.graph.initializer``) of the stubs made
     here; any other tensor with external data still has the location the file gave it.
@@ -137,7 +144,7 @@ def read_lazy(path: str) -> Tuple[ModelProto, List[int]]:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise WireError("empty file")
-        return _read_lazy(_FileView(f.fileno(), size), size, real)
+        return _read_lazy(_FileView(f.fileno(), size), size, real, onnx_proto.message_classes())
 
 
 class _FileView:
@@ -178,7 +185,7 @@ def _add_range(ranges: List[List[int]], start: int, end: int) -> None:
         ranges.append([start, end])
 
 
-def _read_lazy(buf, size: int, real: str) -> Tuple[ModelProto, List[int]]:
+def _read_lazy(buf, size: int, real: str, classes) -> Tuple[ModelProto, List[int]]:
     head_ranges: List[List[int]] = []
     graph_range: Optional[Tuple[int, int]] = None
     for number, wire, fstart, vstart, vend in fields(buf, 0, size):
@@ -196,7 +203,8 @@ def _read_lazy(buf, size: int, real: str) -> Tuple[ModelProto, List[int]]:
     n_init = 0
     for number, wire, fstart, vstart, vend in fields(buf, *graph_range):
         if number == _GRAPH_INIT and wire == 2:
-            stub = _stub_for(buf, vstart, vend, real) if vend - vstart >= LAZY_MIN_BYTES else None
+            big = vend - vstart >= LAZY_MIN_BYTES
+            stub = _stub_for(buf, vstart, vend, real, classes.TensorProto) if big else None
             if stub is not None:
                 stubs.append((n_init, stub))
                 n_init += 1
@@ -205,14 +213,14 @@ def _read_lazy(buf, size: int, real: str) -> Tuple[ModelProto, List[int]]:
         _add_range(ranges, fstart, vend)
     parts = [buf[s:e] for s, e in ranges]
     graph_bytes = b"".join(parts)
-    model = ModelProto()
+    model = classes.ModelProto()
     model.ParseFromString(b"".join(head) + key(_MODEL_GRAPH) + varint(len(graph_bytes)) + graph_bytes)
     del graph_bytes, parts
     _insert_stubs(model.graph, stubs)
     return model, [i for i, _ in stubs]
 
 
-def _stub_for(buf, start: int, end: int, real: str) -> Optional[TensorProto]:
+def _stub_for(buf, start: int, end: int, real: str, tensor_class) -> Optional[TensorProto]:
     """A stub for the tensor in ``buf[start:end]`` if its raw_data is large, else None."""
     raw = None
     for number, wire, fstart, vstart, vend in fields(buf, start, end):
@@ -223,7 +231,7 @@ def _stub_for(buf, start: int, end: int, real: str) -> Optional[TensorProto]:
     if raw is None or raw[2] - raw[1] < LAZY_MIN_BYTES:
         return None
     fstart, vstart, vend = raw
-    header = TensorProto()
+    header = tensor_class()
     header.ParseFromString(buf[start:fstart] + buf[vend:end])
     if header.HasField("raw_data"):
         return None  # a repeated raw_data field: protobuf keeps the last; don't be clever
@@ -298,16 +306,15 @@ class Spill:
         self._offset = 0
 
     def stub(self, name: str, value) -> TensorProto:
-        """Write ``value`` (a numpy array) to the file; return a stub TensorProto named ``name``."""
-        from onnx import helper
-
+        """Write ``value`` (a numpy array) to the file; return a stub TensorProto named ``name``
+        (of :func:`bnfold.onnx_proto.message_classes`' family, as the readers build)."""
         value = value.astype(value.dtype.newbyteorder("<"), copy=False)
         data = value.tobytes()
         self._file.write(data)
         self._file.flush()
-        header = TensorProto()
+        header = onnx_proto.message_classes().TensorProto()
         header.name = name
-        header.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+        header.data_type = onnx_proto.np_dtype_to_tensor_dtype(value.dtype)
         header.dims.extend(value.shape)
         stub = make_stub(header, self.path, self._offset, len(data))
         self._offset += len(data)

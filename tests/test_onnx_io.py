@@ -149,3 +149,28 @@ def test_small_model_file_keeps_its_external_data_on_disk(tmp_path, monkeypatch)
     dst = str(tmp_path / "f.onnx")
     fold_file(src, dst)
     assert_equivalent(onnx.load(src), onnx.load(dst))
+
+
+def test_writer_switches_to_external_data_past_the_protobuf_limit(tmp_path, monkeypatch):
+    """external=None: inline below the limit, external data above it; external=False refuses."""
+    from bnfold import onnx_io
+    from bnfold.errors import OutputError
+
+    model = big_model(blocks=1)
+    inline = str(tmp_path / "inline.onnx")
+    onnx_io.write_model(model, inline)
+    assert not os.path.exists(inline + ".data")
+    assert onnx.load(inline) == model
+    size = os.path.getsize(inline)
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", size - 1)
+    with pytest.raises(OutputError):
+        onnx_io.write_model(model, str(tmp_path / "refused.onnx"), external=False)
+    out = str(tmp_path / "big.onnx")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx_io.write_model(copy, out)
+    assert os.path.exists(out + ".data")
+    assert_equivalent(model, onnx.load(out))
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", size)
+    onnx_io.write_model(model, str(tmp_path / "exact.onnx"))  # exactly at the limit: still inline
+    assert not os.path.exists(str(tmp_path / "exact.onnx.data"))
