@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-STARTED = time.perf_counter()  # the command's wall time is counted from here (imports included)
+from ._common import STARTED  # noqa: E402,F401  (first: the wall time counts the other imports)
 
 import click  # noqa: E402
 

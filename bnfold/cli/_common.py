@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-import traceback
+import time
+
+STARTED = time.perf_counter()  # a command's wall time is counted from here (bnfold.cli imports this first)
+
+import functools  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
 from typing import NoReturn
 
 import click

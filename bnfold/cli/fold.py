@@ -14,9 +14,8 @@ import time
 import click
 
 from ..errors import EXIT_OK
-from . import STARTED
 from . import output as out
-from ._common import fail, handles_errors
+from ._common import STARTED, fail, handles_errors
 from .check_options import with_check_options
 
 FOLD_HELP = """Fold every BatchNorm next to a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
