@@ -17,7 +17,9 @@ from onnx import ModelProto, helper
 from .graph import all_graphs
 
 # Initializers up to this size keep their data in the copy (shape inference may need the values
-# of small ones: Reshape targets, Unsqueeze axes); larger ones become typed graph inputs.
+# of small ones: Reshape targets, Unsqueeze axes); larger ones become typed graph inputs. So does
+# every initializer that a graph input can override (IR 4 on): a shape proven from its default
+# value would not hold when a caller feeds another (issue 12).
 KEEP_ELEMENTS = 1024
 
 
@@ -30,9 +32,10 @@ def _skeleton(model: ModelProto) -> ModelProto:
     g = out.graph
     g.CopyFrom(shallow_copy(model.graph, "initializer"))
     inputs = {i.name for i in g.input}
+    overridable = inputs if model.ir_version >= 4 else set()
     small, large = [], []
     for t in model.graph.initializer:
-        (large if is_stub(t) or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
+        (large if is_stub(t) or t.name in overridable or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
     g.initializer.extend(small)
     g.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in inputs
