@@ -70,9 +70,14 @@ class GraphRewrite:
         Constant nodes, outer-scope constants, and values computed from those alone by
         deterministic default-domain ops (the refusal's reason code says why anything else is
         not a constant). The array is read-only. ``float_only`` refuses an element type that
-        bnfold does not fold. ``through_ops`` is accepted for older callers and changes nothing.
+        bnfold does not fold (an initializer's before its data is read). ``through_ops`` is
+        accepted for older callers and changes nothing.
         """
         added = self._added.get(name)
+        stored = self.scope.initializers.get(name)
+        if float_only and stored is not None and stored.data_type not in FLOAT_TYPES:
+            if not (name in self.scope.inputs and self.scope.ir_version >= 4):  # else: overridable, said below
+                raise Refusal("unsupported-dtype", f"{what} '{name}' has element type {_type_name(stored.data_type)}")
         if added is not None:  # a value this fold wrote: read back (from the spill file if spilled)
             value = tensor_array(added)
         else:
@@ -238,8 +243,10 @@ _FLOAT_DTYPES = {np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in FLOAT_TYP
 
 
 def _type_name(dtype) -> str:
+    """The ONNX name of a numpy dtype or of a TensorProto data type number."""
     try:
-        return TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(dtype))
+        number = dtype if isinstance(dtype, int) else helper.np_dtype_to_tensor_dtype(dtype)
+        return TensorProto.DataType.Name(number)
     except (KeyError, ValueError, TypeError):
         return str(dtype)
 
