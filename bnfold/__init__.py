@@ -50,18 +50,6 @@ def fold_module(module, *args, **kwargs):
     return _fold_module(module, *args, **kwargs)
 
 
-def _bench():
-    try:
-        from .latency import bench
-    except ModuleNotFoundError as exc:  # before the module's rename to latency.py
-        if exc.name != f"{__name__}.latency":
-            raise
-        import importlib
-
-        bench = importlib.import_module(".bench", __name__).bench
-    return bench
-
-
 def _lazy(name):
     if name == "fold_onnx":
         from .onnx_pass import fold_onnx as value
@@ -70,7 +58,7 @@ def _lazy(name):
     elif name == "check":
         from .verify import check as value
     elif name == "bench":
-        value = _bench()
+        from .latency import bench as value
     elif name == "FoldReport":
         from .report import FoldReport as value
     else:

@@ -13,9 +13,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
-
-from onnx import AttributeProto, GraphProto, ModelProto
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import EXIT_INTERNAL, EXIT_MISMATCH, EXIT_OK, BnfoldError, CheckFailed, InputError, OutputError
 from .report import FoldReport
@@ -34,6 +32,13 @@ EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
 PHASES = ("load", "fold", "write", "check")
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
+
+# AttributeProto.GRAPH and .GRAPHS: numbers fixed by onnx.proto, so that counting ops needs no
+# `import onnx` (the fold path reads models with or without onnx's classes).
+_ATTR_GRAPH, _ATTR_GRAPHS = 5, 10
 
 
 def model_format(path: PathLike) -> str:
@@ -109,7 +114,7 @@ class FoldOutcome:
             "fold": fold,
             "check": self.verdict,
             "before": self.before,
-            "after": self.after if self.written else None,
+            "after": self.after if self.ok else None,
             "seconds": seconds,
         }
 
@@ -172,7 +177,8 @@ def fold_path(
     The output goes to a staging folder beside ``dst`` and is moved into place only when
     writing and the equivalence check both succeed. Expected failures come back in the
     outcome (``exit_code``, ``error``); bugs and KeyboardInterrupt propagate (nothing is left
-    behind). ``check_options`` are passed on to :func:`bnfold.verify.check`; ``on_phase`` is
+    behind). ``check_options`` are passed on to :func:`bnfold.verify.check` (they win over
+    ``seed`` and ``shapes``); ``on_phase`` is
     called with each phase name of :data:`PHASES` as it starts.
     """
     start = time.perf_counter()
@@ -182,7 +188,7 @@ def fold_path(
         if outcome.format == "pt2":
             _fold_program(outcome, on_phase)
         else:
-            options = dict(check_options or {}, seed=seed, shapes=dict(shapes or {}))
+            options = dict(dict(seed=seed, shapes=dict(shapes or {})), **(check_options or {}))
             _fold_onnx(outcome, check, options, on_phase or (lambda phase: None))
     except _Mismatch:
         _fail(outcome, CheckFailed("the folded model does not match the original; nothing written"))
@@ -211,8 +217,10 @@ class _Phases:
             def __enter__(self):
                 phases.on_phase(name)
                 self.start = time.perf_counter()
+                _INTERRUPT.enter()  # a phase is where a batch's Ctrl-C may stop the work
 
             def __exit__(self, *exc):
+                _INTERRUPT.leave()
                 phases.outcome.times[name] = phases.outcome.times.get(name, 0.0) + time.perf_counter() - self.start
 
         return _Timer()
@@ -244,15 +252,15 @@ def _fold_onnx(outcome: FoldOutcome, check: bool, check_options: Dict, on_phase)
 def op_counts(model: ModelProto) -> Dict:
     """``{"nodes": N, "ops": {op_type: count}}`` over the model's graph and its subgraphs."""
     counts: Counter = Counter()
-    stack: List[GraphProto] = [model.graph]
+    stack = [model.graph]
     while stack:
         graph = stack.pop()
         for node in graph.node:
             counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
             for attr in node.attribute:
-                if attr.type == AttributeProto.GRAPH:
+                if attr.type == _ATTR_GRAPH:
                     stack.append(attr.g)
-                elif attr.type == AttributeProto.GRAPHS:
+                elif attr.type == _ATTR_GRAPHS:
                     stack.extend(attr.graphs)
     return {"nodes": sum(counts.values()), "ops": dict(sorted(counts.items()))}
 
@@ -287,21 +295,21 @@ def _write_and_check(model, source: str, protect, outcome, phase, *, external, c
             outcome.after["bytes"] = _file_bytes([staged, staged + ".data"])
         if check:
             with phase("check"):
-                verdict = _check(source, staged, (outcome.source, dst), check_options)
+                verdict = _check(source, staged, (outcome.source, dst), outcome.report, check_options)
             outcome.verdict = verdict.to_dict()
             if not verdict:
                 raise _Mismatch()
-        _commit_point()
 
 
 class _Mismatch(Exception):
     """Raised inside the staging block so that nothing is moved into place."""
 
 
-def _check(original: str, folded: str, labels, options: Dict):
+def _check(original: str, folded: str, labels, report, options: Dict):
+    """Outputs and every fold site (the report says where each fold ended) are compared."""
     from .verify import check
 
-    return check(original, folded, labels=labels, **options)
+    return check(original, folded, labels=labels, report=report, **options)
 
 
 def _fold_program(outcome: FoldOutcome, on_phase) -> None:
@@ -404,7 +412,8 @@ def fold_many(
     Ctrl-C (SIGINT) stops the run promptly: models in flight are abandoned (nothing of them
     is written, unless one was already moving its output into place, which then completes
     and counts as done), no other model starts, and :class:`BatchInterrupted` carries the
-    outcomes of the models that finished.
+    outcomes of the models that finished (see :class:`_Interrupt`). A ``.pt2`` program in
+    flight is folded to the end first: the torch front end has no phases to stop in.
     """
     results: Dict[int, FoldOutcome] = {}
 
@@ -428,28 +437,32 @@ def fold_many(
 class _Interrupt:
     """SIGINT while a batch runs, in the process that runs the jobs (this one, or a worker).
 
-    The first SIGINT interrupts the running job (its cleanup removes its staged output),
-    except once the job has begun moving its output into place: then the job completes and
-    counts as done. Later SIGINTs only keep new jobs from starting, so they cannot cut a
-    cleanup short. ``requested`` is checked before each job.
+    Work can be stopped only inside a phase (load, fold, write, check: see :class:`_Phases`),
+    never while a scratch or staging file is being made or removed, nor once an output is
+    being moved into place. The first SIGINT raises KeyboardInterrupt at once inside a phase,
+    else when the next phase starts; the job's cleanup then removes what it staged. Later
+    SIGINTs only keep new jobs from starting, so they cannot cut a cleanup short.
     """
 
     def __init__(self) -> None:
-        self.requested = self.in_job = self.committing = False
+        self.requested = self.interruptible = False
 
     def handler(self, signum, frame) -> None:
         first = not self.requested
         self.requested = True
-        if first and self.in_job and not self.committing:
+        if first and self.interruptible:
             raise KeyboardInterrupt
+
+    def enter(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.interruptible = True
+
+    def leave(self) -> None:
+        self.interruptible = False
 
 
 _INTERRUPT = _Interrupt()
-
-
-def _commit_point() -> None:
-    """Called just before a job's output is moved into place (see :class:`_Interrupt`)."""
-    _INTERRUPT.committing = True
 
 
 def _run_here(jobs, options, finish, stopped) -> None:
@@ -483,22 +496,33 @@ def _run_in_pool(jobs, workers: int, options, results, finish, stopped) -> None:
         for future in as_completed(futures):
             finish(futures[future], future.result())
     except KeyboardInterrupt:
-        stop.set()  # workers drop what they run (it cleans up after itself) and start nothing new
-        try:
-            pool.shutdown(wait=True, cancel_futures=True)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
-            pass
+        _stop_pool(pool, stop)
         for future, i in futures.items():  # finished while we were interrupted: written, so listed
             if i not in results and future.done() and not future.cancelled() and future.exception() is None:
                 finish(i, future.result())
         raise stopped() from None
+    except BaseException:  # e.g. the reader of our output went away: stop as for Ctrl-C
+        _stop_pool(pool, stop)
+        raise
     pool.shutdown(wait=True)
+
+
+def _stop_pool(pool, stop) -> None:
+    """Workers drop what they run (it cleans up after itself) and start nothing new."""
+    stop.set()
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        pass
 
 
 def _worker_init(stop) -> None:
     """A worker hears Ctrl-C from the terminal (the whole process group gets SIGINT) or from
     the parent, which sets ``stop``: both go through :class:`_Interrupt`."""
     import threading
+
+    global _INTERRUPT
+    _INTERRUPT = _Interrupt()  # not what a forked parent had
 
     def forward() -> None:
         stop.wait()
@@ -511,22 +535,28 @@ def _worker_init(stop) -> None:
 def _job(src: str, dst: Optional[str], options) -> FoldOutcome:
     """One model: a crash becomes that model's error, never the batch's; an interrupt becomes
     an "interrupted" outcome with nothing written."""
-    state = _INTERRUPT
-    if state.requested:
+    if _INTERRUPT.requested:
         return FoldOutcome(src, dst, EXIT_INTERRUPTED, "interrupted")
-    state.in_job, state.committing = True, False
     try:
         if dst is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            _make_folder(os.path.dirname(dst))
         outcome = fold_path(src, dst, **options)
+    except OutputError as exc:
+        outcome = FoldOutcome(src, dst)
+        _fail(outcome, exc)
     except KeyboardInterrupt:
         return FoldOutcome(src, dst, EXIT_INTERRUPTED, "interrupted")
     except Exception as exc:  # a bug on one model must not stop the others
         outcome = FoldOutcome(src, dst, EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc})")
-    finally:
-        state.in_job = False
     outcome.exception = None  # results cross a process boundary: keep them plain
     return outcome
+
+
+def _make_folder(folder: str) -> None:
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
 
 
 def batch_exit_code(outcomes: Sequence[FoldOutcome]) -> int:

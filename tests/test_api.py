@@ -96,3 +96,30 @@ def test_fold_file_raises_check_failed_on_a_mismatch(tmp_path, monkeypatch):
     with pytest.raises(CheckFailed):
         bnfold.fold_file(tmp_path / "m.onnx", tmp_path / "f.onnx")
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_fold_path_passes_check_options_to_the_check(tmp_path):
+    from bnfold.pipeline import fold_path
+
+    _conv_bn(tmp_path / "m.onnx")
+    outcome = fold_path(str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx"), check_options={"batches": 3, "seed": 5}, seed=1)
+    assert outcome.ok, outcome.error
+    assert outcome.verdict["inputs"]["batches"] == 3 and outcome.verdict["inputs"]["seed"] == 5
+    assert list(outcome.times) == ["load", "fold", "write", "check"]
+
+
+def test_op_counts_include_subgraphs_and_custom_domains():
+    from onnx import TensorProto, helper
+
+    from bnfold.pipeline import op_counts
+
+    branch = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "b", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    nodes = [
+        helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=branch),
+        helper.make_node("Gelu", ["out"], ["g"], domain="com.microsoft"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("g", TensorProto.FLOAT, [1])])  # fmt: skip
+    counts = op_counts(helper.make_model(graph))
+    assert counts == {"nodes": 4, "ops": {"If": 1, "Relu": 2, "com.microsoft.Gelu": 1}}

@@ -1,19 +1,21 @@
-"""bnfold.bench and `bnfold bench`: structure and sanity only, never absolute speed."""
+"""bnfold.latency.bench and `bnfold bench`: structure and sanity only, never absolute speed."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
 
-from bnfold.bench import _percentile, bench, model_size
+from bnfold.latency import _percentile, bench, model_size
 from bnfold.cli.verify_cmds import bench as bench_cmd
 from bnfold.errors import InputError
 from test_verify import conv_bn_chain, multi_io_model, save
 
-FAST = dict(runs=3, warmup=1)
-TIMING_KEYS = {"create_ms", "median_ms", "p90_ms", "mean_ms", "min_ms", "std_ms", "throughput_per_s", "runs"}
+FAST = dict(runs=3, warmup=1, sessions=2)
+TIMING_KEYS = {"create_ms", "median_ms", "p90_ms", "mean_ms", "min_ms", "std_ms", "throughput_per_s", "runs",
+               "create_min_ms", "create_max_ms", "create_runs"}
 
 
 @pytest.fixture
@@ -25,6 +27,7 @@ def _sane(timing, runs):
     assert timing.runs == runs
     assert 0 < timing.min_ms <= timing.median_ms <= timing.p90_ms
     assert timing.min_ms <= timing.mean_ms and timing.create_ms > 0 and timing.std_ms >= 0
+    assert timing.create_runs == 2 and timing.create_min_ms <= timing.create_ms <= timing.create_max_ms
     assert timing.throughput_per_s == pytest.approx(1000.0 / timing.mean_ms)
 
 
@@ -36,7 +39,7 @@ def test_single_model_default_levels(pair):
         _sane(result.models[0].levels[level], 3)
     assert result.models[0].file_size == model_size(pair[0]) > 0
     text = result.summary()
-    assert "level disable" in text and "level all" in text and "other/model" not in text
+    assert "level disable" in text and "level all" in text and "second/first" not in text
 
 
 def test_two_models_side_by_side_with_ratios(pair):
@@ -45,12 +48,15 @@ def test_two_models_side_by_side_with_ratios(pair):
     ratios = result.ratios
     assert set(ratios) == {"file_size", "disable", "basic"}
     for level in ("disable", "basic"):
-        assert set(ratios[level]) == {"median_ms", "p90_ms", "mean_ms", "create_ms", "throughput_per_s"}
+        assert set(ratios[level]) == {"median_ms", "create_ms", "pair_p25", "pair_median", "pair_p75"}
         a, b = (m.levels[level] for m in result.models)
         assert ratios[level]["median_ms"] == pytest.approx(b.median_ms / a.median_ms)
+        assert ratios[level]["create_ms"] == pytest.approx(b.create_ms / a.create_ms)
+        assert ratios[level]["pair_p25"] <= ratios[level]["pair_median"] <= ratios[level]["pair_p75"]
     assert ratios["file_size"] == pytest.approx(result.models[1].file_size / result.models[0].file_size)
     assert result.settings["order"] == "ABBA interleaved"
-    assert "other/model" in result.summary() and "median at 'basic' / at 'disable'" in result.summary()
+    assert "second/first" in result.summary() and "median at 'basic' / at 'disable'" in result.summary()
+    assert "per-pair ratio second/first" in result.summary()
     d = json.loads(json.dumps(result.to_dict()))
     assert set(d["models"][0]["levels"]["disable"]) == TIMING_KEYS
     assert d["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 8, 8, 8], "source": "normal(0,1)"}]
@@ -73,7 +79,7 @@ def test_interleaving_alternates_order(pair, monkeypatch):
         return real(self, feeds)
 
     monkeypatch.setattr(verify.OrtRunner, "run", spy)
-    bench(pair[0], pair[1], levels=("disable",), runs=4, warmup=0)
+    bench(pair[0], pair[1], levels=("disable",), runs=4, warmup=0, sessions=1)
     a, b = pair
     assert calls == [a, b, b, a, a, b, b, a]
 
@@ -113,3 +119,50 @@ def test_cli_bench_errors_exit_2(pair, tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith("bnfold: error:")
     missing = CliRunner().invoke(bench_cmd, [str(tmp_path / "none.onnx"), "--runs", "1"])
     assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+def test_bench_is_a_function_and_latency_its_module():
+    import bnfold
+    import bnfold.latency
+
+    assert callable(bnfold.bench) and bnfold.bench is bnfold.latency.bench
+    assert not hasattr(bnfold.latency, "latency")
+
+
+def test_latency_uses_only_public_names_of_verify():
+    import ast
+    import inspect
+
+    import bnfold.latency
+
+    tree = ast.parse(inspect.getsource(bnfold.latency))
+    private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("verify")
+               for a in n.names if a.name.startswith("_")]
+    assert private == []
+
+
+def test_same_file_names_are_told_apart_by_their_paths(tmp_path):
+    from bnfold.latency import short_labels
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = save(conv_bn_chain(layers=1), tmp_path / "a" / "model.onnx")
+    b = save(conv_bn_chain(layers=1, fold=True), tmp_path / "b" / "model.onnx")
+    assert short_labels([a, b]) == [os.path.join("a", "model.onnx"), os.path.join("b", "model.onnx")]
+    assert short_labels([a, a]) == ["model.onnx #1", "model.onnx #2"]
+    assert short_labels(["x/one.onnx", "y/two.onnx"]) == ["one.onnx", "two.onnx"]
+    result = bench(a, b, levels=("disable",), **FAST)
+    assert result.labels == short_labels([a, b])
+    assert os.path.join("a", "model.onnx") in result.summary() and "first: " + a in result.summary()
+
+
+def test_a_model_against_itself_gives_ratios_near_one(tmp_path):
+    """Timing is noisy on a shared machine, so the bound is loose; the measured numbers are in
+    the README (bnfold bench A A)."""
+    path = save(conv_bn_chain(layers=2, dynamic=False), tmp_path / "m.onnx")
+    result = bench(path, path, levels=("disable",), runs=40, warmup=5, sessions=5, threads=1)
+    r = result.ratios["disable"]
+    assert result.ratios["file_size"] == 1.0
+    for key in ("median_ms", "pair_median", "create_ms"):
+        assert 0.5 < r[key] < 2.0, (key, r)
+    assert r["pair_p25"] <= 1.0 <= r["pair_p75"] or 0.8 < r["pair_median"] < 1.25, r

@@ -248,7 +248,7 @@ def test_batch_prints_one_line_per_model_then_a_total(tmp_path, three):
     assert [line.split()[0] for line in lines[:3]] == ["ok", "FAIL", "ok"]
     assert lines[1].endswith("[exit 2]") and str(three[1]) in lines[1]
     assert lines[3].startswith("2 of 3 model(s) ok, 1 failed")
-    assert one_error_line(result, EXIT_INPUT) == "bnfold: error: 1 of 3 model(s) failed"
+    assert one_error_line(result, EXIT_INPUT) == f"bnfold: error: 1 of 3 model(s) failed: {three[1]}"
 
 
 def _interrupt(tmp_path, jobs: int, whole_group: bool):
@@ -309,3 +309,73 @@ def test_pt2_prints_the_check_verdict_and_fills_the_json_check_block(tmp_path):
     assert entry["format"] == "pt2" and entry["check"]["passed"] is True
     assert entry["check"]["models"] == {"original": str(tmp_path / "m.pt2"), "folded": str(tmp_path / "f.pt2")}
     assert entry["check"]["outputs"] and entry["check"]["runtime"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_an_output_error_not_a_bug(tmp_path, three):
+    (tmp_path / "a_file").write_text("x")
+    result = invoke(three[0], three[2], "--out-dir", tmp_path / "a_file" / "out")
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert "internal error" not in result.stdout and "cannot create the output folder" in result.stdout
+
+
+def test_readme_ci_installs_from_a_checkout_or_a_wheel_and_the_wheel_builds(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    ci = readme[readme.index("## Use in CI"):]
+    ci = ci[: ci.index("\n## ", 1)]
+    assert "pip install bnfold" not in ci
+    assert "pip install ./bnfold-src" in ci and "pip wheel --no-deps -w dist ./bnfold-src" in ci
+    root, src = Path(__file__).resolve().parent.parent, tmp_path / "src"  # a copy: building writes beside it
+    shutil.copytree(root / "bnfold", src / "bnfold", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip("no setuptools/wheel in this environment")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("bnfold-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bnfold/cli/__init__.py" in names and "bnfold/pipeline.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "bnfold = bnfold.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def _stderr_on_a_terminal(args, cwd):
+    """Run bnfold with stderr on a pseudo-terminal (stdout piped); return (code, stdout, stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ)
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(BNFOLD + [str(a) for a in args], stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    stdout = proc.stdout.read().decode()
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_batch_bar_and_single_phases(tmp_path, three):
+    a, c = "models/a.onnx", "models/c.onnx"
+    code, stdout, stderr = _stderr_on_a_terminal([a, c, "--out-dir", "out"], tmp_path)
+    assert code == 0, stderr
+    assert f"0/2  {a}" in stderr and f"1/2  {c}" in stderr  # from the start, then on
+    assert stderr.endswith("\r\x1b[K")  # the bar is gone at the end
+    assert stdout.count("ok ") == 2 and "\x1b[" not in stdout  # piped stdout stays plain
+    code, stdout, stderr = _stderr_on_a_terminal([a, "-o", "f.onnx"], tmp_path)
+    assert code == 0, stderr
+    for label in ("loading", "folding", "writing", "checking"):
+        assert f"{label} {a} (" in stderr
+    assert stdout.splitlines()[0] == "folded 1 of 2 BatchNorm(s); left 1: no-linear-producer"

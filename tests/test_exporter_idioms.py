@@ -1,8 +1,5 @@
 """Models as exporters write them (tests/exporter_models.py): the constant resolver reads every
 parameter a fold needs, with the values onnxruntime computes; and fold_onnx folds every BN.
-
-The fold tests marked xfail wait for rules of issue 11 still to come: they are strict, so the
-day they pass the mark must go.
 """
 
 from __future__ import annotations
@@ -93,7 +90,6 @@ def test_fold_folds_every_batchnorm(name):
     assert_equivalent(m, folded, tol=_TOL.get(name))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 4 (no-op elimination) pending")
 def test_paddle_swish_no_op_mul_is_removed():
     m = model("paddle-swish")
     folded, _ = fold_onnx(m)
@@ -101,7 +97,6 @@ def test_paddle_swish_no_op_mul_is_removed():
     assert_equivalent(m, folded)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 3 (Mul before a linear op) pending")
 def test_ppocr_gelu_half_is_folded_into_the_conv():
     m = model("ppocr-gelu-tail")
     folded, _ = fold_onnx(m)

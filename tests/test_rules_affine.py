@@ -156,13 +156,28 @@ def test_matmul_then_mul_add_on_3d_input():
     assert [e["node"] for e in report.extra["affine_folded"]] == ["mul"]  # the bias Add is the Linear's own
 
 
-def test_matmul_bias_add_alone_is_left_as_is():
+def test_matmul_bias_add_alone_on_a_2d_input_becomes_one_gemm():
     g = GraphBuilder(seed=8)
     x = g.input("x", ["B", 4])
     g.node("MatMul", [x, g.init("W", g.weight((4, 5)))], "h", "matmul")
-    g.output(g.node("Add", ["h", g.init("bias", per_c(RNG, (5,)))], "y", "add").output[0])
+    g.output(g.node("Add", ["h", g.init("bias", per_c(RNG, (1, 5)))], "y", "add").output[0])
+    out, report = fold_ok(g.model(), {"add": "matmul-gemm"})
+    assert op_types(out.graph) == ["Gemm"]
+    assert [t.name for t in out.graph.initializer] == ["W", "matmul_bnfold_bias"]  # W itself is kept
+
+
+@pytest.mark.parametrize("shape", [["B", 3, 4], None])
+def test_matmul_bias_add_on_an_input_not_known_2d_is_left_as_is(shape):
+    g = GraphBuilder(seed=8)
+    x = g.input("x", shape or [2, 3, 4])
+    feeds = None
+    if shape is None:  # reshaped to a shape given at run time: the rank is unknown
+        x = g.node("Reshape", [x, g.input("s", ["K"], np.int64)], "x2", "reshape").output[0]
+        feeds = {"s": np.array([3, 2, 4], np.int64)}
+    g.node("MatMul", [x, g.init("W", g.weight((4, 5)))], "h", "matmul")
+    g.output(g.node("Add", ["h", g.init("bias", per_c(RNG, (5,)))], "y", "add").output[0], shape=["a", "b", "c"])
     model = g.model()
-    out, report = refuse_ok(model, "add", None)
+    out, report = refuse_ok(model, "add", None, feeds=feeds)
     assert out.SerializeToString() == model.SerializeToString()
     assert not report.folded and not report.skipped and not report.extra
 

@@ -553,8 +553,8 @@ def test_assert_equivalent(tmp_path):
 
 def test_top_level_check_is_lazy_and_importing_does_not_load_onnxruntime():
     code = (
-        "import sys, bnfold, bnfold.verify, bnfold.bench, bnfold.testing, bnfold.cli.verify_cmds\n"
+        "import sys, bnfold, bnfold.verify, bnfold.latency, bnfold.testing, bnfold.cli.verify_cmds\n"
         "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported eagerly'\n"
-        "assert bnfold.check is bnfold.verify.check and bnfold.bench is bnfold.bench\n"
+        "assert bnfold.check is bnfold.verify.check and bnfold.bench is bnfold.latency.bench\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,6 +16,7 @@ import click
 from ..errors import EXIT_OK
 from . import output as out
 from ._common import fail, handles_errors
+from .check_options import with_check_options
 
 FOLD_HELP = """Fold every BatchNorm next to a linear op (Conv, ConvTranspose, Gemm, MatMul) into it.
 
@@ -64,19 +65,15 @@ writable, 5 safety limit, 70 internal error, 130 interrupted.
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the folded model against the original with onnxruntime before keeping it. "
                    "Example: --no-check (skip it; then check later with `bnfold check`)")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True, metavar="N",
-              help="Seed of the check's random inputs. Example: --seed 7")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Size dynamic input dims for the check, by input name or dim name (repeatable). "
-                   "Example: --shape input:1x3x224x224 or --shape N:4")  # fmt: skip
+@with_check_options
 @click.pass_context
 @handles_errors
-def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, seed, shapes):
-    shape_map = _parse_shapes(shapes)
+def fold(ctx, models, output, out_dir, jobs, dry_run, verbose, json_path, check, check_opts):
+    check_kwargs = check_opts.kwargs()  # parsed inside handles_errors: a bad value is one line
     explicit_jobs = ctx.get_parameter_source("jobs") == click.core.ParameterSource.COMMANDLINE
     if json_path and json_path != "-":
         _check_json_target(json_path, list(models) + ([output] if output else []))
-    options = dict(check=check, seed=seed, shapes=shape_map)
+    options = dict(check=check, seed=check_kwargs["seed"], shapes=check_kwargs["shapes"], check_options=check_kwargs)
     if out_dir is not None or len(models) > 1:
         if output:
             raise click.UsageError("-o names one output; with several models use --out-dir DIR")
@@ -159,7 +156,9 @@ def _fold_batch(models, out_dir, jobs, dry_run, verbose, json_path, options):
         _write_json(json_path, run_report(outcomes, dry_run=dry_run, seconds=seconds), protected)
     code = batch_exit_code(outcomes)
     if code != EXIT_OK:
-        fail(f"{failed} of {len(outcomes)} model(s) failed", code)
+        names = [o.source for o in outcomes if not o.ok]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        fail(f"{failed} of {len(outcomes)} model(s) failed: {listed}", code)
 
 
 def _report_interrupt(stop, err):
@@ -172,14 +171,6 @@ def _report_interrupt(stop, err):
     for path in written:
         out.echo(f"  {path}", err=err)
     fail("interrupted; nothing else was written", EXIT_INTERRUPTED)
-
-
-def _parse_shapes(specs):
-    if not specs:
-        return {}
-    from ..verify import parse_shape  # one syntax for fold and check
-
-    return dict(parse_shape(spec) for spec in specs)
 
 
 def _check_json_target(json_path, models):

@@ -133,7 +133,7 @@ def table(before: Optional[Dict], after: Optional[Dict], dry_run: bool) -> List[
     size_after = "-" if dry_run else human_bytes(after.get("bytes"))
     rows.append(("file size", human_bytes(before.get("bytes")), size_after))
     width = max(len(r[0]) for r in rows + [("op", "", "")])
-    out = [f"  {'':{width}}  {'before':>10}  {'after':>10}"]
+    out = [f"  {'op':{width}}  {'before':>10}  {'after':>10}"]
     for name, b, a in rows:
         mark = "" if b == a else "  *"
         out.append(f"  {name:{width}}  {b:>10}  {a:>10}{mark}")
@@ -213,6 +213,11 @@ class Status:
             self.shown = False
 
 
+def _tail(text: str, room: int) -> str:
+    """``text``, or its end after an ellipsis when longer than ``room`` (a path's file name)."""
+    return text if len(text) <= room else "…" + text[len(text) - max(room - 1, 0):]
+
+
 def _columns() -> int:
     import shutil
 
@@ -241,7 +246,8 @@ class BatchProgress(Status):
         n = len(self.done)
         filled = int(20 * n / total) if total else 20
         current = next((s for i, s in enumerate(self.sources) if i not in self.done), "")
-        self.show(f"[{'#' * filled}{'.' * (20 - filled)}] {n}/{total}  {current}")
+        head = f"[{'#' * filled}{'.' * (20 - filled)}] {n}/{total}  "
+        self.show(head + _tail(current, _columns() - 1 - len(head)))
 
     def print_above(self, text: str) -> None:
         self.clear()
@@ -272,7 +278,8 @@ class PhaseProgress(Status):
         with self._lock:
             if self.phase is not None and not self._stop.is_set():
                 elapsed = time.perf_counter() - self.start
-                self.show(f"{self.LABELS.get(self.phase, self.phase)} {self.source} ({elapsed:.1f} s)")
+                label, when = self.LABELS.get(self.phase, self.phase), f" ({elapsed:.1f} s)"
+                self.show(f"{label} {_tail(self.source, _columns() - 2 - len(label) - len(when))}{when}")
 
     def _tick(self) -> None:
         while not self._stop.wait(0.5):

@@ -1,4 +1,4 @@
-"""``bnfold check`` and ``bnfold bench``: thin wrappers over bnfold.verify and bnfold.bench."""
+"""``bnfold check`` and ``bnfold bench``: thin wrappers over bnfold.verify and bnfold.latency."""
 
 from __future__ import annotations
 
@@ -6,27 +6,16 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional
 
 import click
 
 from ..errors import EXIT_MISMATCH, InputError, OutputError
 from ._common import handles_errors
+from .check_options import parse_shapes, with_check_options
 
 _OPT_CHOICE = click.Choice(["disable", "basic", "extended", "all"])
 _PROVIDER_CHOICE = click.Choice(["cpu", "cuda"])
-
-
-def _shapes(values: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
-    from ..verify import parse_shape
-
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for text in values:
-        name, dims = parse_shape(text)
-        if name in shapes:
-            raise InputError(f"--shape {name} given twice")
-        shapes[name] = dims
-    return shapes
 
 
 def _write_json(path: str, data: Dict[str, Any]) -> None:
@@ -59,16 +48,13 @@ def _echo_report(text: str, json_path: Optional[str]) -> None:
 @click.command("check")
 @click.argument("original", metavar="ORIGINAL")
 @click.argument("folded", metavar="FOLDED")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@with_check_options
 @click.option("--range", "value_range", metavar="LO,HI", help="Uniform float inputs in [LO,HI) (and ints in it) instead of standard normal.")
-@click.option("--shape", "shape", multiple=True, metavar="NAME:DIMS",
-              help="Shape of an input, e.g. x:1x3x224x224, or the value of a dynamic dim, e.g. N:4. Repeatable.")
-@click.option("--inputs", "inputs_npz", metavar="FILE.npz", help="Real inputs: an .npz with one array per input name.")
-@click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Number of random input batches.")
-@click.option("--atol", multiple=True, metavar="VALUE|NAME:VALUE",
-              help="Absolute tolerance for all outputs, or NAME:VALUE for one output. Repeatable. "
-                   "Default: 1e-4 x the output's scale for float32 (see the rule in the report).")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance (default by dtype: 1e-4 for float32).")
+@click.option("--report", "report_path", metavar="FOLD.json",
+              help="The fold's JSON report (bnfold ... --json): also compare the tensor at every fold site, "
+                   "and name the fold that differs.")
+@click.option("--save-inputs", metavar="FILE.npz", help="Write the inputs fed (replay them with --inputs).")
+@click.option("--save-outputs", metavar="FILE.npz", help="Write both models' outputs (and fold-site tensors).")
 @click.option("--ort-opt", type=_OPT_CHOICE, default="disable", show_default=True,
               help="onnxruntime graph optimization level for both models.")
 @click.option("--provider", type=_PROVIDER_CHOICE, default="cpu", show_default=True,
@@ -77,7 +63,8 @@ def _echo_report(text: str, json_path: Optional[str]) -> None:
 @click.option("--json", "json_path", metavar="FILE", help="Write the full report as JSON (- for stdout).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @handles_errors
-def check(original, folded, seed, value_range, shape, inputs_npz, batches, atol, rtol, ort_opt, provider, threads, json_path, quiet):
+def check(original, folded, check_opts, value_range, report_path, save_inputs, save_outputs, ort_opt, provider, threads,
+          json_path, quiet):
     """Run ORIGINAL and FOLDED with onnxruntime on the same inputs and compare every output.
 
     \b
@@ -85,25 +72,19 @@ def check(original, folded, seed, value_range, shape, inputs_npz, batches, atol,
     (missing or corrupt model, inputs that do not fit), 3 external data missing.
     """
     from ..verify import check as run_check
-    from ..verify import parse_atol, parse_range
+    from ..verify import parse_range
 
-    global_atol, per_output = parse_atol(atol)
-    if rtol is not None and not (rtol >= 0 and rtol != float("inf")):
-        raise InputError("--rtol must be finite and >= 0")
     result = run_check(
         original,
         folded,
-        seed=seed,
-        batches=batches,
-        shapes=_shapes(shape),
         value_range=parse_range(value_range) if value_range else None,
-        inputs_npz=inputs_npz,
-        atol=global_atol,
-        rtol=rtol,
-        per_output_atol=per_output,
         ort_opt=ort_opt,
         provider=provider,
         threads=threads,
+        report=_read_report(report_path) if report_path else None,
+        save_inputs=save_inputs,
+        save_outputs=save_outputs,
+        **check_opts.kwargs(),
     )
     if json_path:
         _write_json(json_path, result.to_dict())
@@ -113,6 +94,24 @@ def check(original, folded, seed, value_range, shape, inputs_npz, batches, atol,
         sys.exit(EXIT_MISMATCH)
 
 
+def _read_report(path: str) -> Dict[str, Any]:
+    """A fold's JSON report: the fold command's own (``folded`` and ``affine_folded``), or a
+    batch report's entry, or a check report that embeds it."""
+    from ..onnx_io import check_readable
+
+    check_readable(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a JSON fold report ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("report"), dict):
+        data = data["report"]
+    if not isinstance(data, dict) or not isinstance(data.get("folded"), list):
+        raise InputError(f"{path}: not a fold report (no 'folded' list); write one with bnfold MODEL -o OUT --json FILE")
+    return data
+
+
 @click.command("bench")
 @click.argument("model", metavar="MODEL")
 @click.argument("other", metavar="[OTHER]", required=False)
@@ -120,6 +119,8 @@ def check(original, folded, seed, value_range, shape, inputs_npz, batches, atol,
               help="onnxruntime optimization levels to measure: disable, basic, extended, all.")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model and level.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--sessions", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Session creations timed per model and level (median and min-max reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: ORT's choice).")
 @click.option("--provider", type=_PROVIDER_CHOICE, default="cpu", show_default=True)
 @click.option("--shape", "shape", multiple=True, metavar="NAME:DIMS", help="Input shape, e.g. x:8x3x224x224. Repeatable.")
@@ -127,12 +128,12 @@ def check(original, folded, seed, value_range, shape, inputs_npz, batches, atol,
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "json_path", metavar="FILE", help="Write all timings as JSON (- for stdout).")
 @handles_errors
-def bench(model, other, levels, runs, warmup, threads, provider, shape, seed, progress, json_path):
+def bench(model, other, levels, runs, warmup, sessions, threads, provider, shape, seed, progress, json_path):
     """Measure onnxruntime latency of MODEL, or of MODEL and OTHER side by side (interleaved).
 
-    Ratios are OTHER / MODEL: below 1 means OTHER is faster or smaller.
+    Every ratio is second / first (OTHER / MODEL): below 1 means OTHER is faster or smaller.
     """
-    from ..bench import bench as run_bench
+    from ..latency import bench as run_bench
 
     result = run_bench(
         model,
@@ -142,8 +143,9 @@ def bench(model, other, levels, runs, warmup, threads, provider, shape, seed, pr
         threads=threads,
         warmup=warmup,
         runs=runs,
+        sessions=sessions,
         seed=seed,
-        shapes=_shapes(shape),
+        shapes=parse_shapes(shape),
         progress=progress,
     )
     if json_path:

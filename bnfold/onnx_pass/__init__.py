@@ -18,12 +18,12 @@ from onnx import ModelProto
 
 from ..report import FoldReport
 from .engine import fold_model_proto
-from .rules import after_linear, before_linear, bn_merge
+from .rules import after_linear, before_linear, bn_merge, noops
 
 __all__ = ["fold_onnx", "fold_model_proto", "RULES"]
 
 # Rule names as they appear in reports ("<op>" is conv, convtranspose, gemm or matmul).
-RULES: Dict[str, str] = {**after_linear.RULES, **before_linear.RULES, **bn_merge.RULES}
+RULES: Dict[str, str] = {**after_linear.RULES, **before_linear.RULES, **bn_merge.RULES, **noops.RULES}
 
 ModelLike = Union[ModelProto, str, "os.PathLike[str]"]
 

@@ -27,13 +27,13 @@ from .rules import Outcome
 
 @dataclass
 class Step:
-    """One node of a chain: ``kind`` is noop, layout, affine or bn; ``a``/``b`` its map."""
+    """One node of a chain: ``kind`` is noop, layout, elementwise or bn; ``a``/``b`` its map."""
 
     node: NodeProto
     kind: str
     a: Optional[np.ndarray] = None
     b: Optional[np.ndarray] = None
-    const: str = ""  # the constant operand of an affine op
+    const: str = ""  # the constant operand of an elementwise op
     after_layout: bool = False  # a layout op lies between the linear op and this step
 
 
@@ -53,7 +53,7 @@ def next_link(rw: GraphRewrite, value: str) -> Tuple[Optional[NodeProto], Option
     node = users[0]
     if list(node.input).count(value) != 1:
         return None, Refusal("producer-has-other-consumers", f"'{value}' is read twice by {node_label(node)}")
-    if rw.is_removed(node):
+    if rw.is_removed(node) or not node.output or not node.output[0]:
         return None, None
     return node, None
 
@@ -94,7 +94,7 @@ def walk(
                 a, b = per_channel(node, operand[0], operand[1], axis, channels)
             except Refusal as why:
                 return steps, [], (node, why)
-            step = Step(node, "affine", a, b, const=node.input[operand[0]])
+            step = Step(node, "elementwise", a, b, const=node.input[operand[0]])
         step.after_layout = seen_layout
         steps.append(step)
         value = node.output[0]
@@ -108,7 +108,7 @@ def _bn_step(rw: GraphRewrite, bn: NodeProto, value: str, axis: Axis, channels: 
     axis = _known_rank(rw, axis, value)
     if axis.pos is None:
         raise Refusal("shape-unknown", f"the rank of '{value}' is unknown: the BN normalizes axis 1, the channels may be elsewhere")
-    if axis.pos != 1 or axis.rank < 2:
+    if axis.pos != 1 or (axis.rank is not None and axis.rank < 2):
         raise Refusal(
             "not-per-channel",
             f"the BN normalizes axis 1 of a {axis.rank}-D value; the linear op's channels are on axis {axis.pos}",
@@ -143,7 +143,7 @@ def _bns_ahead(rw: GraphRewrite, node: NodeProto, limit: int = 16) -> List[NodeP
 
 
 def foldable_prefix(steps: List[Step]) -> List[Step]:
-    last = max((i for i, s in enumerate(steps) if s.kind in ("affine", "bn")), default=-1)
+    last = max((i for i, s in enumerate(steps) if s.kind in ("elementwise", "bn")), default=-1)
     return steps[: last + 1]
 
 
@@ -151,7 +151,7 @@ def compose(steps: List[Step], channels: int) -> Tuple[np.ndarray, np.ndarray]:
     """The affine steps as one map ``a * x + b`` (float64), first step applied first."""
     a, b = np.ones(channels), np.zeros(channels)
     for s in steps:
-        if s.kind in ("affine", "bn"):
+        if s.kind in ("elementwise", "bn"):
             a, b = s.a * a, s.a * b + s.b
     return a, b
 
@@ -190,7 +190,7 @@ def rewire(rw: GraphRewrite, head: NodeProto, steps: List[Step], drop_layout: bo
         pending = s.node.output[0]
         if s.kind == "bn":
             rw.orphan(s.node.input[1:])
-        elif s.kind == "affine":
+        elif s.kind == "elementwise":
             rw.drop_dead_constant(s.const)
     if pending is not None:
         rw.rename_output(live_node, live_value, pending)

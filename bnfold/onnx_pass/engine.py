@@ -6,7 +6,9 @@ Per graph, two kinds of anchor, each node looked at a bounded number of times:
 
 1. each linear op takes the chain of affine ops after it (:mod:`.rules.after_linear`);
 2. each BN left merges the affine ops after it (:mod:`.rules.bn_merge`), then goes into the
-   linear ops it feeds (:mod:`.rules.before_linear`).
+   linear ops it feeds (:mod:`.rules.before_linear`);
+3. each Mul/Add/Sub/Div left that does nothing is removed (:mod:`.rules.noops`);
+4. each Mul/Add/Sub/Div left goes into the linear ops it feeds (:mod:`.rules.before_linear`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ from typing import Dict, Iterable, List
 from onnx import GraphProto, ModelProto, NodeProto
 
 from ..affine import Refusal
+from ..onnx_validate import validate_model
 from ..report import AFFINE_FOLDED, AFFINE_SKIPPED, CONSTANTS, FoldReport
 from .constants import ResolverStats
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .ops import is_linear
 from .ops.batchnorm import is_batchnorm
+from .ops.elementwise import ELEMENTWISE_OPS
 from .rewrite import FoldContext, GraphRewrite
 from .rules import Outcome
 from .rules.after_linear import fold_after_linear
-from .rules.before_linear import fold_before_linear
+from .rules.before_linear import fold_before_linear, fold_elementwise_before_linear
 from .rules.bn_merge import merge_into_bn
+from .rules.noops import remove_noop
+
+NOOPS_REMOVED = "noops_removed"  # report.extra key: the elementwise no-ops removed
 
 
 def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
@@ -36,6 +43,7 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
     scratch file instead of memory; the file-to-file pipeline uses it to bound peak memory.
     """
     start = time.perf_counter()
+    validate_model(model)  # malformed graphs are refused before any rule runs
     report = FoldReport(method="onnx-graph")
     ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), _lazy_shapes(model), spill)
     scope = Scope(model.graph, model.ir_version, opset=ctx.opset)
@@ -95,9 +103,16 @@ class Ledger:
             self.why.setdefault(id(o.node), o.refusal)
 
     def _record_elementwise(self, o: Outcome) -> None:
+        if not o.into:
+            if not o.folded:  # a node a rule gave up on, outside any run of its own: nothing to say
+                return
+            entry = {"node": self.rw.label(o.node), "op": o.node.op_type, "rule": o.rule, "graph": self.rw.path}
+            self.report.extra.setdefault(NOOPS_REMOVED, []).append(entry)
+            return
         rw, node, other = self.rw, o.node, o.into[0]
         if o.folded:
-            entry = {"node": rw.label(node), "op": node.op_type, "into": rw.label(other), "into_op": other.op_type,
+            into = ", ".join(rw.label(n) for n in o.into)
+            entry = {"node": rw.label(node), "op": node.op_type, "into": into, "into_op": other.op_type,
                      "rule": o.rule, "graph": rw.path}
             self.report.extra.setdefault(AFFINE_FOLDED, []).append(entry)
         else:
@@ -116,13 +131,31 @@ def _fold_graph(graph: GraphProto, scope: Scope, ctx: FoldContext, path: str) ->
     nodes = list(graph.node)
     for node in nodes:
         if is_linear(node) and not rw.is_removed(node):
-            ledger.record(fold_after_linear(rw, node))
+            ledger.record(_run(fold_after_linear, rw, node))
     for node in nodes:
         if is_batchnorm(node) and id(node) not in ledger.folded and not rw.is_removed(node):
-            ledger.record(merge_into_bn(rw, node))
-            ledger.settle(node, fold_before_linear(rw, node))
+            ledger.record(_run(merge_into_bn, rw, node))
+            ledger.settle(node, _run(fold_before_linear, rw, node)[0])
+    for node in nodes:
+        if not rw.is_removed(node):
+            ledger.record(_run(remove_noop, rw, node))
+    for node in nodes:
+        if not rw.is_removed(node):  # a refusal here is not reported: most are no candidates
+            ledger.record(o for o in _run(fold_elementwise_before_linear, rw, node) if o.folded)
     rw.commit()
     ctx.orphans.extend(rw.orphans)
+
+
+def _run(rule, rw: GraphRewrite, node: NodeProto) -> List[Outcome]:
+    """The outcomes of ``rule`` on ``node`` as a list. Rules plan before they edit, so one that
+    lets a Refusal escape has changed nothing: the node is then left with that reason."""
+    try:
+        outcomes = rule(rw, node)
+    except Refusal as why:
+        return [Outcome(node, refusal=why)]
+    if outcomes is None:
+        return []
+    return [outcomes] if isinstance(outcomes, Outcome) else list(outcomes)
 
 
 def _no_producer(producer) -> Refusal:
@@ -136,10 +169,11 @@ def _no_producer(producer) -> Refusal:
 def _lazy_shapes(model: ModelProto):
     """A function giving the model's shapes, inferred on first call (seconds on a large graph,
     and many models never need them) from a snapshot taken now, before any rewrite renames
-    values. Models without a BN or linear op get an empty table."""
+    values. Models without a BN, linear or elementwise op get an empty table."""
     from .shapes import ShapeTable, infer_from, snapshot
 
-    if not any(is_linear(n) or is_batchnorm(n) for g in all_graphs(model.graph) for n in g.node):
+    if not any(is_linear(n) or is_batchnorm(n) or n.op_type in ELEMENTWISE_OPS
+               for g in all_graphs(model.graph) for n in g.node):
         return lambda: ShapeTable(ModelProto())
     skeleton, table = snapshot(model), []
 
@@ -159,6 +193,9 @@ def _note_affine(report: FoldReport) -> None:
             f"also folded {len(folded)} run(s) of per-channel Mul/Add/Sub/Div, left {len(skipped)} "
             f"(see {AFFINE_FOLDED} / {AFFINE_SKIPPED} in the JSON report)"
         )
+    noops = report.extra.get(NOOPS_REMOVED, [])
+    if noops:
+        report.notes.append(f"removed {len(noops)} Mul/Div by 1 or Add/Sub of 0 (see {NOOPS_REMOVED} in the JSON report)")
 
 
 def _note_constants(report: FoldReport, stats: ResolverStats) -> None:

@@ -143,6 +143,7 @@ class Names:
 
     def __init__(self, graphs: Iterable[GraphProto]) -> None:
         self.taken: Set[str] = set()
+        self._next: Dict[str, int] = {}  # base -> the next suffix to try
         for g in graphs:
             self.taken.update(i.name for i in g.input)
             self.taken.update(o.name for o in g.output)
@@ -156,10 +157,17 @@ class Names:
                     self.taken.add(node.name)
 
     def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.taken:
+        """``base``, or ``base_2``, ``base_3``, ... : the first that is free. Each base
+        remembers where its search stopped, so asking for one base many times costs O(1) each
+        (names are never given back, so no earlier suffix becomes free)."""
+        if base not in self.taken:
+            self.taken.add(base)
+            return base
+        n = self._next.get(base, 2)
+        while f"{base}_{n}" in self.taken:
             n += 1
-            name = f"{base}_{n}"
+        self._next[base] = n + 1
+        name = f"{base}_{n}"
         self.taken.add(name)
         return name
 
@@ -194,6 +202,26 @@ def attr(node: NodeProto, name: str, default):
         value = helper.get_attribute_value(a)
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return default
+
+
+def int_list(value: np.ndarray, what: str) -> List[int]:
+    """A 1-D integer constant (axes, a Reshape target) as a list of ints; refuse any other
+    rank or element type, which no op reads as such a list."""
+    if value.ndim != 1 or value.dtype.kind not in "iu":
+        raise Refusal("unsupported-attribute", f"{what} is a {value.ndim}-D {value.dtype} tensor, not a 1-D integer one")
+    return [int(v) for v in value]
+
+
+def normalized_axes(axes, rank: int, what: str) -> List[int]:
+    """``axes`` in ``[-rank, rank)`` made non-negative; refuse ones out of range or repeated."""
+    out = []
+    for a in axes:
+        if not -rank <= int(a) < rank:
+            raise Refusal("unsupported-attribute", f"{what}: axis {a} is out of range for rank {rank}")
+        out.append(int(a) % rank)
+    if len(set(out)) != len(out):
+        raise Refusal("unsupported-attribute", f"{what}: axes {list(axes)} repeat an axis")
+    return out
 
 
 def set_attr(node: NodeProto, name: str, value) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from onnx import NodeProto
 
 from ..affine import Refusal
-from .graph import attr, node_label
+from .graph import attr, int_list, node_label, normalized_axes
 from .rewrite import GraphRewrite
 
 NOOP_OPS = {"Identity", "Dropout"}
@@ -47,8 +47,15 @@ class Axis:
 
 def is_noop(rw: GraphRewrite, node: NodeProto) -> bool:
     """Identity, or a Dropout in inference mode whose mask nobody reads."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in NOOP_OPS or not node.input:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in NOOP_OPS or not node.input or not node.output:
         return False
+    try:
+        return _is_noop(rw, node)
+    except Refusal:  # an attribute of an unexpected type: the op is not known to be a no-op
+        return False
+
+
+def _is_noop(rw: GraphRewrite, node: NodeProto) -> bool:
     if node.op_type == "Identity":
         return True
     mask = node.output[1] if len(node.output) > 1 else ""
@@ -66,7 +73,7 @@ def is_noop(rw: GraphRewrite, node: NodeProto) -> bool:
 
 
 def is_layout(node: NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS and bool(node.input)
+    return node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS and bool(node.input) and bool(node.output)
 
 
 def map_layout(rw: GraphRewrite, node: NodeProto, axis: Axis, channels: int) -> Axis:
@@ -130,17 +137,18 @@ def _through_axes(rw: GraphRewrite, node: NodeProto, axis: Axis) -> Optional[Axi
     axes = attr(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
         try:
-            axes = rw.constant(node.input[1], "axes").tolist()
+            axes = int_list(rw.constant(node.input[1], "axes"), f"the axes of {node.op_type} '{node_label(node)}'")
         except Refusal:
             return None
     if axes is None or axis.rank is None or axis.pos is None:
         return None
+    what = f"{node.op_type} '{node_label(node)}'"
     if node.op_type == "Unsqueeze":
         rank = axis.rank + len(axes)
-        added = {int(a) % rank for a in axes}
+        added = set(normalized_axes(axes, rank, what))
         kept = [i for i in range(rank) if i not in added]
         return Axis.known(rank, kept[axis.pos])
-    dropped = {int(a) % axis.rank for a in axes}
+    dropped = set(normalized_axes(axes, axis.rank, what))
     if axis.pos in dropped:
         raise Refusal("not-per-channel", f"Squeeze '{node_label(node)}' removes the channel axis")
     return Axis.known(axis.rank - len(dropped), axis.pos - sum(1 for a in dropped if a < axis.pos))

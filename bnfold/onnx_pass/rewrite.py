@@ -164,6 +164,12 @@ class GraphRewrite:
             if name:
                 self.index.consumers[name].append(new)
 
+    def replace_node(self, old: NodeProto, new: NodeProto) -> None:
+        """Put ``new`` where ``old`` is (at commit) and drop ``old``; ``new`` takes over its
+        outputs' names."""
+        self.drop_node(old)
+        self.insert_after(old, new)
+
     def add_after(self, node: NodeProto, bias: str, base: str) -> NodeProto:
         """Make ``node`` write a fresh value and add ``bias`` to it under the old output name
         (a MatMul gaining a bias). Returns the new Add node."""

@@ -17,9 +17,7 @@ from onnx import ModelProto, helper
 from .graph import all_graphs
 
 # Initializers up to this size keep their data in the copy (shape inference may need the values
-# of small ones: Reshape targets, Unsqueeze axes); larger ones become typed graph inputs. So does
-# every initializer that a graph input can override (IR 4 on): a shape proven from its default
-# value would not hold when a caller feeds another (issue 12).
+# of small ones: Reshape targets, Unsqueeze axes); larger ones become typed graph inputs.
 KEEP_ELEMENTS = 1024
 
 
@@ -32,17 +30,31 @@ def _skeleton(model: ModelProto) -> ModelProto:
     g = out.graph
     g.CopyFrom(shallow_copy(model.graph, "initializer"))
     inputs = {i.name for i in g.input}
-    overridable = inputs if model.ir_version >= 4 else set()
     small, large = [], []
     for t in model.graph.initializer:
-        (large if is_stub(t) or t.name in overridable or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
+        # an initializer that a graph input can override (IR >= 4) is no constant: its default
+        # value must not prove a shape, so inference sees only the input
+        overridable = t.name in inputs and model.ir_version >= 4
+        (large if is_stub(t) or overridable or math.prod(t.dims) > KEEP_ELEMENTS else small).append(t)
     g.initializer.extend(small)
     g.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in inputs
     )
     if out.ir_version < 4:
         out.ir_version = 4  # inputs beside initializers are legal from IR 4 on
+    _forget_minus_one_dims(out)
     return out
+
+
+def _forget_minus_one_dims(model: ModelProto) -> None:
+    """Dims written -1 become unknown dims, so inference never reasons with a -1 (the copy only)."""
+    for g in all_graphs(model.graph):
+        for field in (g.input, g.output, g.value_info):
+            for v in field:
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                    for d in v.type.tensor_type.shape.dim:
+                        if d.HasField("dim_value") and d.dim_value < 0:
+                            d.ClearField("dim_value")
 
 
 Shape = Tuple[Optional[int], ...]  # a dimension is None when not a known number
@@ -100,5 +112,7 @@ def infer_from(skeleton: ModelProto) -> ShapeTable:
 def _shape(value_info) -> Optional[Shape]:
     t = value_info.type
     if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
-        return tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
+        # a dim written -1 is read as unknown, as runtimes and exporters (paddle2onnx) mean it
+        return tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value >= 0 else None
+                     for d in t.tensor_type.shape.dim)
     return None

@@ -5,7 +5,8 @@ weight once, and able to absorb a per-channel affine map on either side of it.
   ``before(a, b)`` plans ``op(a * x + b)`` (on its *input* channels). Both do every check and
   compute and cast back every new value first, and return an :data:`Edit` that only writes
   them; an op that cannot absorb a map on one side raises :class:`Refusal` saying why.
-- ``output_axis()`` says where the output channels are, and how many there are.
+- ``output_axis()`` and ``input_axis()`` say where the output / input channels are, and how
+  many there are.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class LinearOp:
         raise NotImplementedError
 
     def output_axis(self) -> Tuple[Axis, int]:
+        raise NotImplementedError
+
+    def input_axis(self) -> Tuple[Axis, int]:
         raise NotImplementedError
 
     def after(self, a: np.ndarray, b: np.ndarray) -> Edit:

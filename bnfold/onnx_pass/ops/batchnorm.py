@@ -64,6 +64,8 @@ def check_inference_mode(node: NodeProto, opset: int = 0) -> None:
     ``opset`` is the model's default-domain opset (0 if unknown): before opset 7 a BN runs in
     training mode unless ``is_test=1``.
     """
+    if not node.output or not node.output[0]:
+        raise Refusal("malformed-node", "the BN has no output")
     if 0 < opset < 7 and not attr(node, "is_test", 0):
         raise Refusal("training-mode", "BatchNormalization-6 without is_test=1 normalizes with batch statistics")
     if attr(node, "training_mode", 0):

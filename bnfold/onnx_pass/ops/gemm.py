@@ -27,6 +27,9 @@ class Gemm(LinearOp):
     def output_axis(self) -> Tuple[Axis, int]:
         return Axis.known(2, 1), int(self.weight.shape[0 if attr(self.node, "transB", 0) else 1])
 
+    def input_axis(self) -> Tuple[Axis, int]:
+        return Axis.known(2, 1), int(self.weight.shape[1 if attr(self.node, "transB", 0) else 0])
+
     def _scaled(self) -> Tuple[np.ndarray, np.ndarray]:
         """``alpha * B`` and ``beta * C`` in float64 (C None when absent)."""
         alpha = float(attr(self.node, "alpha", 1.0))

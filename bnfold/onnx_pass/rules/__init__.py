@@ -9,7 +9,9 @@ which reason a BN left by several rules is reported with.
 
 - :mod:`.after_linear`: a linear op takes the chain of affine ops after it (``<op>-bn``, ...);
 - :mod:`.bn_merge`: a BN takes the affine ops after it (``bn-bn``, ``bn-affine``);
-- :mod:`.before_linear`: a BN goes into the linear ops reading it (``bn-conv``, ...).
+- :mod:`.before_linear`: a BN, or a Mul/Add/Sub/Div by a constant, goes into the linear ops
+  reading it (``bn-conv``, ``affine-conv``, ...);
+- :mod:`.noops`: Mul/Div by 1 and Add/Sub of 0 go (``noop``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ RULES: Dict[str, str] = {
     "<op>-affine": "linear op -> Mul/Add/Sub/Div by per-channel constants",
     "<op>-layout-bn": "linear op -> Transpose/Reshape/Squeeze/Unsqueeze/Flatten keeping channels -> BN",
     "<op>-layout-affine": "the same with Mul/Add/Sub/Div",
+    "matmul-gemm": "MatMul (constant 2-D weight, 2-D input) -> Add of a constant bias (or a BN's shift): one Gemm",
 }
 
 
@@ -50,21 +51,23 @@ def fold_after_linear(rw: GraphRewrite, linear: NodeProto) -> List[Outcome]:
     drop_layout = transposes_cancel(rw, prefix)
     n_bn = sum(s.kind == "bn" for s in prefix)
     removed = sum(s.kind != "layout" or drop_layout for s in prefix)
-    if op.kind == "matmul" and n_bn == 0 and removed - bool(np.any(b != 0)) <= 0:
-        return left  # MatMul -> Add(bias) alone is already as small as it gets
+    gemm = op.kind == "matmul" and op.writes_gemm(b)
+    if op.kind == "matmul" and not gemm and n_bn == 0 and removed - bool(np.any(b != 0)) <= 0:
+        return left  # MatMul -> Add(bias) alone is already as small as it gets without a Gemm
     try:
         edit = op.after(a, b)
     except Refusal as why:
-        return left + [Outcome(s.node, into=[linear], refusal=why) for s in prefix if s.kind in ("bn", "affine")]
-    head = edit()  # a MatMul's folded bias goes into an Add right after it: the new head
+        return left + [Outcome(s.node, into=[linear], refusal=why) for s in prefix if s.kind in ("bn", "elementwise")]
+    head = edit()  # a MatMul's folded bias goes into a Gemm or an Add right after it: the new head
     rewire(rw, head, prefix, drop_layout)
-    return left + _folded(linear, op.kind, prefix)
+    return left + _folded(linear, op.kind, prefix, gemm)
 
 
-def _folded(linear: NodeProto, kind: str, steps: List[Step]) -> List[Outcome]:
+def _folded(linear: NodeProto, kind: str, steps: List[Step], gemm: bool) -> List[Outcome]:
     """One outcome per BN, and one per run of Mul/Add/Sub/Div (named by its first node).
 
-    A MatMul's leading Add is its bias, not an affine op folded away: not reported."""
+    A MatMul's leading Add is its bias, not an affine op folded away: reported only when the
+    MatMul and it became one Gemm (``matmul-gemm``)."""
     out: List[Outcome] = []
     in_run = False
     bias_add = kind == "matmul"
@@ -75,9 +78,11 @@ def _folded(linear: NodeProto, kind: str, steps: List[Step]) -> List[Outcome]:
         if s.kind == "bn":
             out.append(Outcome(s.node, f"{kind}-{layout}bn", [linear]))
             in_run = bias_add = False
-        elif s.kind == "affine":
+        elif s.kind == "elementwise":
             if bias_add and s.node.op_type == "Add" and not s.after_layout:
                 bias_add = False
+                if gemm:
+                    out.append(Outcome(s.node, "matmul-gemm", [linear]))
                 continue
             if not in_run:
                 out.append(Outcome(s.node, f"{kind}-{layout}affine", [linear]))

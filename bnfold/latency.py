@@ -1,12 +1,17 @@
 """Latency measurement with onnxruntime: one model, or two side by side.
 
 Method. A first, untimed session absorbs onnxruntime's one-time setup. Then for each
-optimization level, a session per model is created (timed), both models are
-warmed up, then timed runs alternate between the two models in ABBA order (A B, B A, A B, ...)
-so that drift in clock speed, caches or background load hits both equally, and neither model
-always runs first. Statistics are over the timed runs of each model: median, p90, mean, min,
-standard deviation, and throughput = 1 / mean (runs per second). Ratios are other / model:
-below 1 means OTHER is faster (or smaller).
+optimization level, sessions are created several times per model (alternating between the
+models; median and spread reported; the last one is kept), both models are warmed up, then
+timed runs alternate between the two models in ABBA order (A B, B A, A B, ...) so that drift in
+clock speed, caches or background load hits both equally, and neither model always runs first.
+Statistics are over the timed runs of each model: median, p90, mean, min, standard deviation,
+and throughput = 1 / mean (runs per second).
+
+Every ratio is second / first (OTHER / MODEL): below 1 means the second model is faster or
+smaller. Besides the ratio of medians, each level gives the spread of the per-pair ratios (the
+second model's time over the first's in the same ABBA pair): p25, median, p75. A model
+benchmarked against itself gives ratios within a few percent of 1.00.
 
 Both ``disable`` and ``all`` are measured by default because onnxruntime fuses Conv+BN itself
 at the ``basic`` level and above: the ``disable`` numbers show what folding saves, the ``all``
@@ -23,17 +28,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import InputError
-from .verify import OPT_LEVELS, InputInfo, ModelLike, OrtRunner, _dims_text, _interface, _load_proto, _make_inputs, model_label, ort_version
+from .verify import OPT_LEVELS, InputInfo, ModelLike, OrtRunner, dims_text, load_proto, make_feeds, model_label, ort_version, read_interface
 
 DEFAULT_WARMUP = 5
 DEFAULT_RUNS = 50
+DEFAULT_SESSIONS = 5  # session creations timed per model and level
+# second / first; only robust statistics: on a busy machine one stalled run moves a mean or a
+# p90 ratio far from 1 even for a model timed against itself, a median hardly
+RATIO_KEYS = ("median_ms", "create_ms")
 
 
 @dataclass
 class LevelTiming:
     """Timings of one model at one optimization level; times in milliseconds."""
 
-    create_ms: float
+    create_ms: float  # median over the sessions created
     median_ms: float
     p90_ms: float
     mean_ms: float
@@ -41,6 +50,9 @@ class LevelTiming:
     std_ms: float
     throughput_per_s: float
     runs: int
+    create_min_ms: float = 0.0
+    create_max_ms: float = 0.0
+    create_runs: int = 1
 
 
 @dataclass
@@ -59,19 +71,22 @@ class BenchResult:
     settings: Dict[str, Any]
     inputs: List[InputInfo]
     notes: List[str] = field(default_factory=list)
+    # level -> (p25, median, p75) of the per-pair ratios second / first
+    pair_ratios: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def ratios(self) -> Dict[str, Any]:
+        """Second / first for file size and, per level, each time statistic and the per-pair
+        spread (``pair_p25``, ``pair_median``, ``pair_p75``): below 1 means the second is faster."""
         if len(self.models) < 2:
             return {}
         a, b = self.models
         out: Dict[str, Any] = {"file_size": _ratio(b.file_size, a.file_size)}
         for level in self.levels:
             ta, tb = a.levels[level], b.levels[level]
-            out[level] = {
-                key: _ratio(getattr(tb, key), getattr(ta, key))
-                for key in ("median_ms", "p90_ms", "mean_ms", "create_ms", "throughput_per_s")
-            }
+            out[level] = {key: _ratio(getattr(tb, key), getattr(ta, key)) for key in RATIO_KEYS}
+            if level in self.pair_ratios:
+                out[level].update(zip(("pair_p25", "pair_median", "pair_p75"), self.pair_ratios[level]))
         return out
 
     def level_ratio(self, model_index: int, level: str, base: str = "disable") -> Optional[float]:
@@ -94,18 +109,26 @@ class BenchResult:
             "notes": list(self.notes),
         }
 
+    @property
+    def labels(self) -> List[str]:
+        """Short names for the table: file names, with as much of the path as tells them apart."""
+        return short_labels([m.label for m in self.models])
+
     def summary(self) -> str:
         s = self.settings
         lines = [
             f"onnxruntime {s['onnxruntime']}, {', '.join(s['providers_used'])}, intra-op threads: {s['threads'] or 'default'}, "
             f"{s['warmup']} warm-up + {s['runs']} timed runs per model and level"
-            + (", interleaved ABBA" if len(self.models) > 1 else ""),
-            "inputs: " + ", ".join(f"{i.name} {i.dtype} [{_dims_text(i.shape)}]" for i in self.inputs),
+            + (", interleaved ABBA" if len(self.models) > 1 else "")
+            + f"; {s.get('sessions', 1)} session creation(s) timed",
+            "inputs: " + ", ".join(f"{i.name} {i.dtype} [{dims_text(i.shape)}]" for i in self.inputs),
         ]
         two = len(self.models) > 1
-        labels = [os.path.basename(m.label) or m.label for m in self.models]
+        labels = self.labels
         width = max(12, *(len(x) for x in labels)) + 2
-        header = f"{'':22}" + "".join(f"{x:>{width}}" for x in labels) + (f"{'other/model':>14}" if two else "")
+        header = f"{'':22}" + "".join(f"{x:>{width}}" for x in labels) + (f"{'second/first':>14}" if two else "")
+        if two:
+            lines.append(f"first: {self.models[0].label}; second: {self.models[1].label}")
         lines.append(header)
         ratios = self.ratios
         lines.append(_row("file size", [_size(m.file_size) for m in self.models], ratios.get("file_size"), width))
@@ -114,10 +137,15 @@ class BenchResult:
             r = ratios.get(level, {})
             t = [m.levels[level] for m in self.models]
             lines.append(_row("  session creation", [f"{x.create_ms:.1f} ms" for x in t], r.get("create_ms"), width))
+            if any(x.create_runs > 1 for x in t):
+                lines.append(_row("    min-max", [f"{x.create_min_ms:.1f}-{x.create_max_ms:.1f}" for x in t], None, width))
             lines.append(_row("  median", [f"{x.median_ms:.3f} ms" for x in t], r.get("median_ms"), width))
             lines.append(_row("  p90", [f"{x.p90_ms:.3f} ms" for x in t], r.get("p90_ms"), width))
             lines.append(_row("  mean", [f"{x.mean_ms:.3f} ms" for x in t], r.get("mean_ms"), width))
-            lines.append(_row("  throughput", [f"{x.throughput_per_s:.1f} /s" for x in t], r.get("throughput_per_s"), width))
+            lines.append(_row("  throughput", [f"{x.throughput_per_s:.1f} /s" for x in t], None, width))
+            if level in self.pair_ratios:
+                p25, p50, p75 = self.pair_ratios[level]
+                lines.append(f"  per-pair ratio second/first: median {p50:.3f}, p25-p75 {p25:.3f}-{p75:.3f}")
         if "disable" in self.levels:
             for level in self.levels:
                 if level == "disable":
@@ -129,6 +157,22 @@ class BenchResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def short_labels(paths: Sequence[str]) -> List[str]:
+    """The file names, or, where two are the same, the shortest trailing parts of the paths that
+    differ (``a/model.onnx`` and ``b/model.onnx``); the same file twice is ``#1`` and ``#2``."""
+    names = [os.path.basename(p) or p for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    if len(set(os.path.abspath(p) for p in paths)) < len(paths):
+        return [f"{n} #{i + 1}" for i, n in enumerate(names)]
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    for depth in range(2, max(len(p) for p in parts) + 1):
+        labels = [os.sep.join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(paths)
 
 
 def _ratio(num: float, den: float) -> Optional[float]:
@@ -159,7 +203,7 @@ def model_size(model: ModelLike) -> int:
         return int(model.ByteSize())
     path = os.fspath(model)
     total = os.path.getsize(path)
-    proto = _load_proto(path)
+    proto = load_proto(path)
     base = os.path.dirname(os.path.abspath(path))
     files = set()
     for tensor in proto.graph.initializer:
@@ -179,11 +223,15 @@ def _percentile(values: List[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def _timing(create_s: float, times_s: List[float]) -> LevelTiming:
+def _timing(create_s: List[float], times_s: List[float]) -> LevelTiming:
     ms = [t * 1e3 for t in times_s]
     mean = statistics.fmean(ms)
+    create = [c * 1e3 for c in create_s]
     return LevelTiming(
-        create_ms=create_s * 1e3,
+        create_ms=statistics.median(create),
+        create_min_ms=min(create),
+        create_max_ms=max(create),
+        create_runs=len(create),
         median_ms=statistics.median(ms),
         p90_ms=_percentile(ms, 0.9),
         mean_ms=mean,
@@ -219,15 +267,18 @@ def bench(
     shapes=None,
     value_range: Optional[Tuple[float, float]] = None,
     progress: Optional[bool] = None,
+    sessions: int = DEFAULT_SESSIONS,
 ) -> BenchResult:
     """Time ``model`` (and ``other``, interleaved) at each optimization level in ``levels``.
+
+    ``sessions``: how many times each model's session creation is timed per level.
 
     ``progress``: None shows a progress bar only when stderr is a terminal; True/False force it.
     Raises InputError for bad arguments or models onnxruntime cannot load or run.
     """
     levels = _check_levels(levels)
-    if runs < 1 or warmup < 0:
-        raise InputError("--runs must be at least 1 and --warmup at least 0")
+    if runs < 1 or warmup < 0 or sessions < 1:
+        raise InputError("--runs and --sessions must be at least 1 and --warmup at least 0")
     models = [model] + ([other] if other is not None else [])
     feeds_list, infos, notes = _bench_feeds(models, seed, shapes, value_range)
     results = [ModelBench(model_label(m), model_size(m)) for m in models]
@@ -236,13 +287,24 @@ def bench(
     total = len(levels) * (warmup + runs)
     # ORT's first session in a process pays one-time setup; keep that out of the creation times.
     OrtRunner(models[0], ort_opt=levels[0], provider=provider, threads=threads)
+    pair_ratios: Dict[str, Tuple[float, float, float]] = {}
     with _progress(show, total) as bar:
         for level in levels:
-            runners = [OrtRunner(m, ort_opt=level, provider=provider, threads=threads, tf32=True) for m in models]
+            created: List[List[float]] = [[] for _ in models]
+            runners: List[Any] = [None] * len(models)
+            for _ in range(sessions):  # alternate, so drift hits both models alike
+                for i, m in enumerate(models):
+                    runners[i] = None  # free the previous session first
+                    runners[i] = OrtRunner(m, ort_opt=level, provider=provider, threads=threads, tf32=True)
+                    created[i].append(runners[i].create_seconds)
             providers_used = runners[0].providers_used
             times = _time_level(runners, feeds_list, warmup, runs, bar)
-            for result, runner, t in zip(results, runners, times):
-                result.levels[level] = _timing(runner.create_seconds, t)
+            for result, c, t in zip(results, created, times):
+                result.levels[level] = _timing(c, t)
+            if len(times) == 2:
+                pairs = [b / a for a, b in zip(times[0], times[1]) if a > 0]
+                if pairs:
+                    pair_ratios[level] = (_percentile(pairs, 0.25), _percentile(pairs, 0.5), _percentile(pairs, 0.75))
             del runners  # free one level's sessions before building the next
     settings = {
         "onnxruntime": ort_version(),
@@ -253,23 +315,25 @@ def bench(
         "runs": runs,
         "seed": seed,
         "order": "ABBA interleaved" if len(models) > 1 else "single model",
+        "sessions": sessions,
+        "ratios": "second / first (below 1: the second is faster or smaller)",
         "tf32": True if provider == "cuda" else None,
         "cpu_count": os.cpu_count(),
     }
-    return BenchResult(results, levels, settings, infos, notes)
+    return BenchResult(results, levels, settings, infos, notes, pair_ratios)
 
 
 def _bench_feeds(models, seed, shapes, value_range):
     """One feed per model: the same arrays when the interfaces agree, else each its own."""
-    ifaces = [_interface(m) for m in models]
-    feeds, infos, notes = _make_inputs(ifaces[0], seed, 1, shapes, value_range, None)
+    ifaces = [read_interface(m) for m in models]
+    feeds, infos, notes = make_feeds(ifaces[0], seed=seed, shapes=shapes, value_range=value_range)
     feeds_list = [feeds[0]]
     if len(ifaces) > 1:
         same = [(s.name, s.elem_type) for s in ifaces[0].inputs] == [(s.name, s.elem_type) for s in ifaces[1].inputs]
         if same:
             feeds_list.append(feeds[0])
         else:
-            other_feeds, _, other_notes = _make_inputs(ifaces[1], seed, 1, shapes, value_range, None)
+            other_feeds, _, other_notes = make_feeds(ifaces[1], seed=seed, shapes=shapes, value_range=value_range)
             feeds_list.append(other_feeds[0])
             notes = notes + other_notes + ["the two models have different inputs: each got its own"]
     return feeds_list, infos, notes
