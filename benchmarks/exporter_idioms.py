@@ -5,9 +5,6 @@ the Caffe2 conversions the onnx wheel ships as backend test data (``light_*.onnx
 present), it counts the BatchNormalization, Mul, Add, Sub and Div nodes left by
 
 - ``bnfold``: ``fold_onnx`` of the bnfold importable here (run with ``PYTHONPATH`` at a checkout),
-- ``bnfold+resolver``: the same with the rules reading constants through
-  ``bnfold.onnx_pass.constants.ConstantResolver``, patched in by this script (a preview of the
-  wiring of issue 11; it leaves dead constant-subgraph nodes, which the wiring removes),
 - ``ort_basic``: onnxruntime's offline optimization at the basic level
   (``SessionOptions.optimized_model_filepath``),
 - ``onnxslim`` and ``onnxsim`` when installed (they are never project dependencies),
@@ -82,48 +79,6 @@ def _bnfold(model):
     return fold_onnx(model)[0]
 
 
-def _bnfold_resolver(model):
-    """bnfold with today's rules reading constants through ConstantResolver: a preview of the
-    wiring (issue 11), patched in here only, to measure what it gains before the engine uses it.
-    Constant-subgraph nodes the fold no longer reads are left for the wiring to remove."""
-    from bnfold import onnx_pass
-    from bnfold.affine import Refusal
-    from bnfold.onnx_pass import affine_ops, graph
-    from bnfold.onnx_pass.constants import ConstantResolver
-    from onnx import numpy_helper
-
-    init, tensor, array, value = graph.Scope.__init__, graph.Scope.tensor, graph.Scope.array, affine_ops.constant_value
-
-    def patched_init(self, g, ir_version, parent=None, opset=0):
-        init(self, g, ir_version, parent, opset)
-        outer = parent._resolver if parent is not None else None
-        self._resolver = ConstantResolver(g, ir_version=ir_version, outer=outer, opset=self.opset)
-
-    def patched_tensor(self, name, what):
-        try:
-            return tensor(self, name, what)
-        except Refusal as r:
-            if r.reason != "not-constant":
-                raise
-        return numpy_helper.from_array(np.asarray(self._resolver.value(name, what)), name)
-
-    def patched_array(self, name, what):
-        try:
-            return array(self, name, what)
-        except Refusal as r:
-            if r.reason != "not-constant":
-                raise
-        return self._resolver.value(name, what)
-
-    graph.Scope.__init__, graph.Scope.tensor, graph.Scope.array = patched_init, patched_tensor, patched_array
-    affine_ops.constant_value = lambda rw, name, what, depth=0: rw.scope.array(name, what)
-    try:
-        return onnx_pass.fold_onnx(model)[0]
-    finally:
-        graph.Scope.__init__, graph.Scope.tensor, graph.Scope.array = init, tensor, array
-        affine_ops.constant_value = value
-
-
 def _ort_basic(model):
     import onnx
     import onnxruntime as ort
@@ -154,7 +109,7 @@ def _onnxsim(model):
     return simplified
 
 
-TOOLS = {"bnfold": _bnfold, "bnfold+resolver": _bnfold_resolver, "ort_basic": _ort_basic, "onnxslim": _onnxslim, "onnxsim": _onnxsim}
+TOOLS = {"bnfold": _bnfold, "ort_basic": _ort_basic, "onnxslim": _onnxslim, "onnxsim": _onnxsim}
 
 
 def _available(tool: str) -> bool:

@@ -29,6 +29,12 @@ REASONS: Dict[str, str] = {
     "shared-module-different-bn": "the module is called more than once with different followers",
     "padded-conv": "the conv pads its input with zeros, which are not shifted by the BN",
     "unreadable-constant": "a constant's data cannot be read",
+    # the ONNX constant resolver: why a value computed by ops is not taken as a constant
+    "nondeterministic-op": "a parameter is computed by a random op",
+    "foreign-domain": "a parameter is computed by an op outside the default ONNX domain",
+    "unsupported-constant-op": "a parameter is computed by an op bnfold does not evaluate at fold time",
+    "constant-too-large": "a constant subgraph is over the resolver's size bounds",
+    "invalid-constant": "a constant subgraph cannot be evaluated (shapes, indices or types that do not fit)",
     # ONNX rules for affine chains and BN before a linear op
     "division-by-zero": "a Div's constant divisor contains zero",
     "not-affine": "the op is not an affine map of its input (a constant divided by the data)",
@@ -48,6 +54,9 @@ REASONS: Dict[str, str] = {
 # keys (``folded``/``skipped`` hold one entry per BatchNormalization).
 AFFINE_FOLDED = "affine_folded"
 AFFINE_SKIPPED = "affine_skipped"
+# The constant subgraphs the ONNX pass evaluated (how many, their ops and elements, and each
+# value) are listed in ``extra`` under this key; ``summary(verbose=True)`` shows the totals.
+CONSTANTS = "constants"
 
 
 @dataclass
@@ -145,6 +154,7 @@ class FoldReport:
                 lines.append(f"  skipped {s.bn}{after}{where}: {s.detail} [{s.reason}]")
         if verbose:
             lines.extend(self._affine_lines())
+            lines.extend(self._constant_lines())
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -158,6 +168,14 @@ class FoldReport:
             lines.append(f"  skipped {e['op']} {e['node']} after {e['after_op']} {e['after']}{where}: "
                          f"{e['detail']} [{e['reason']}]")
         return lines
+
+    def _constant_lines(self) -> List[str]:
+        c = self.extra.get(CONSTANTS)
+        if not c:
+            return []
+        by_ref = f", {c['reference_nodes']} by onnx's reference evaluator" if c.get("reference_nodes") else ""
+        return [f"  evaluated {c['subgraphs']} constant subgraph(s): {c['nodes']} op(s), "
+                f"{c['elements']} element(s){by_ref}"]
 
     def __str__(self) -> str:
         return self.summary()

@@ -1,8 +1,5 @@
 """Models as exporters write them (tests/exporter_models.py): the constant resolver reads every
 parameter a fold needs, with the values onnxruntime computes; and fold_onnx folds every BN.
-
-The fold tests marked xfail wait for the resolver to be wired into the rules (issue 11): they
-are strict, so the day they pass the mark must go.
 """
 
 from __future__ import annotations
@@ -84,13 +81,7 @@ def test_fold_is_equivalent(name):
     assert_equivalent(m, folded, tol=_TOL.get(name))
 
 
-_WIRING = pytest.mark.xfail(strict=True, reason="wiring pending: rules do not read constants through the resolver yet")
-_NEEDS_WIRING = {"torch-dedup-biases", "tf2onnx-mobilenet", "caffe2-ir3", "constant-chains-opset11", "constant-chains-opset13"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_WIRING) if n in _NEEDS_WIRING else n for n in sorted(IDIOMS)]
-)
+@pytest.mark.parametrize("name", sorted(IDIOMS))
 def test_fold_folds_every_batchnorm(name):
     m = model(name)
     assert count_op(m, "BatchNormalization") > 0

@@ -55,7 +55,7 @@ ONNX_PASS_ABOVE: Dict[str, Set[str]] = {
     "bnfold.onnx_pass.rules": {"bnfold.onnx_pass", "bnfold.onnx_pass.engine"},
     "bnfold.onnx_pass.chain": {"bnfold.onnx_pass", "bnfold.onnx_pass.engine"},
 }
-ONNX_PASS_FOUNDATION = ("graph", "rewrite", "consts", "constants", "shapes", "layout")
+ONNX_PASS_FOUNDATION = ("graph", "rewrite", "constants", "shapes", "layout")
 for _name in ONNX_PASS_FOUNDATION:
     ONNX_PASS_ABOVE[f"bnfold.onnx_pass.{_name}"] = {
         "bnfold.onnx_pass", "bnfold.onnx_pass.engine", "bnfold.onnx_pass.rules", "bnfold.onnx_pass.ops",

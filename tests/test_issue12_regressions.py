@@ -460,7 +460,6 @@ def test_training_bn_after_bn_is_reported_as_training(tmp_path) -> None:
     assert reasons.get("bn") == "training-mode", (text, reasons)
 
 
-@RULE_FIX
 @pytest.mark.parametrize("make", [expand_constant, constant_of_shape], ids=["expand", "constant-of-shape"])
 def test_expand_and_constant_of_shape_are_folded_or_reported(tmp_path, make) -> None:
     assert_sound(tmp_path, make)

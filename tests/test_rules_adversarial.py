@@ -12,7 +12,6 @@ from onnx import TensorProto, helper
 
 from bnfold.errors import InputError
 from bnfold.onnx_pass import fold_onnx
-from bnfold.onnx_pass.consts import CONST_OPS
 from bnfold.onnx_pass.graph import Names, Scope, all_graphs
 from bnfold.onnx_pass.rewrite import FoldContext, GraphRewrite
 from bnfold.onnx_pass.shapes import ShapeTable
@@ -214,7 +213,6 @@ def _const_op_cases():
 def test_constant_subgraph_ops_match_onnxruntime(op, value, attrs, second):
     """Every op a constant is evaluated through gives what onnxruntime gives (the class of
     'a layout op read with the wrong semantics'): Conv -> Mul(y, op(c)) folds exactly, or not."""
-    assert op in CONST_OPS
     g = GraphBuilder(seed=6)
     ins = [g.init("c", value)] + ([g.init("s", second)] if second is not None else [])
     g.node(op, ins, "k", "const_op", **attrs)
@@ -252,7 +250,8 @@ def test_shapes_are_not_proven_from_an_overridable_reshape_target(matmul):
     model = g.model(check=False)
     out, report = fold_onnx(model)
     assert "bn" not in {p.bn for p in report.folded}, report.summary(True)
-    assert skipped_reasons(report)["bn"][0] == "shape-unknown"
+    # the conv case is reported with why its Reshape proves nothing; the MatMul's rank is unknown
+    assert skipped_reasons(report)["bn"][0] == ("shape-unknown" if matmul else "overridable-initializer")
     for shp in (override, None):
         feeds = {"shp": shp} if shp is not None else {"shp": np.array([6, 4] if matmul else [2, 4, 16], np.int64)}
         assert_equivalent(model, out, feeds=feeds)

@@ -20,7 +20,8 @@ from onnx import GraphProto, ModelProto, NodeProto
 
 from ..affine import Refusal
 from ..onnx_validate import validate_model
-from ..report import AFFINE_FOLDED, AFFINE_SKIPPED, FoldReport
+from ..report import AFFINE_FOLDED, AFFINE_SKIPPED, CONSTANTS, FoldReport
+from .constants import ResolverStats
 from .graph import Names, Scope, all_graphs, node_label, subgraphs
 from .ops import is_linear
 from .ops.batchnorm import is_batchnorm
@@ -45,9 +46,11 @@ def fold_model_proto(model: ModelProto, spill=None) -> FoldReport:
     validate_model(model)  # malformed graphs are refused before any rule runs
     report = FoldReport(method="onnx-graph")
     ctx = FoldContext(Names(all_graphs(model.graph)), report, _default_opset(model), _lazy_shapes(model), spill)
-    _fold_graph(model.graph, Scope(model.graph, model.ir_version, opset=ctx.opset), ctx, "")
+    scope = Scope(model.graph, model.ir_version, opset=ctx.opset)
+    _fold_graph(model.graph, scope, ctx, "")
     _drop_unused(model.graph, ctx.orphans, model.ir_version)
     _note_affine(report)
+    _note_constants(report, scope.resolver.stats)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -193,6 +196,18 @@ def _note_affine(report: FoldReport) -> None:
     noops = report.extra.get(NOOPS_REMOVED, [])
     if noops:
         report.notes.append(f"removed {len(noops)} Mul/Div by 1 or Add/Sub of 0 (see {NOOPS_REMOVED} in the JSON report)")
+
+
+def _note_constants(report: FoldReport, stats: ResolverStats) -> None:
+    """The constant subgraphs the resolver evaluated (all graphs), under ``extra["constants"]``."""
+    if stats.subgraphs:
+        report.extra[CONSTANTS] = {
+            "subgraphs": stats.subgraphs,
+            "nodes": stats.nodes,
+            "elements": stats.elements,
+            "reference_nodes": stats.reference_nodes,
+            "evaluated": [{"value": e.name, "nodes": e.nodes, "elements": e.elements} for e in stats.evaluated],
+        }
 
 
 def _default_opset(model: ModelProto) -> int:

@@ -1,5 +1,6 @@
 """An index over one ONNX graph: who produces and who consumes each value, and which values
-are constants. Built once per graph (linear in its size) and kept up to date by the rewrites.
+are constants (through the graph's resolver). Built once per graph (linear in its size) and
+kept up to date by the rewrites.
 """
 
 from __future__ import annotations
@@ -7,11 +8,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-import numpy as np
-from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper
 
 from ..affine import Refusal
-from ..onnx_io import tensor_array  # reads weights kept on disk by lazy loading too
+from .constants import ConstantResolver
 
 FLOAT_TYPES = {
     TensorProto.FLOAT: "float32",
@@ -58,26 +58,11 @@ def node_label(node: NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
-def constant_node_tensor(node: NodeProto) -> Optional[TensorProto]:
-    """The value of a ``Constant`` node as a TensorProto (None for sparse or unknown forms)."""
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-            return attr.t
-        if attr.name == "value_float":
-            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
-        if attr.name == "value_floats":
-            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
-        if attr.name == "value_int":
-            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
-        if attr.name == "value_ints":
-            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
-    return None
-
-
 class Scope:
-    """The constants visible in one graph: its own initializers and Constant nodes, then the
-    enclosing graphs'. An initializer that a graph input of the same name can override
-    (IR version 4 and later) is not a constant.
+    """The constants of one graph: its :class:`~.constants.ConstantResolver` (the one reader of
+    constants, with the enclosing graph's resolver as its outer scope), the producer of each
+    value (shared by the resolver and the graph's :class:`GraphIndex`, so both see the
+    rewrites), and the graph's initializers and inputs.
     """
 
     def __init__(
@@ -88,37 +73,14 @@ class Scope:
         self.opset = opset or (parent.opset if parent is not None else 0)  # default-domain opset
         self.inputs = {i.name for i in graph.input}
         self.initializers: Dict[str, TensorProto] = {t.name: t for t in graph.initializer}
-        self.constants: Dict[str, TensorProto] = {}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-                t = constant_node_tensor(node)
-                if t is not None:
-                    self.constants[node.output[0]] = t
-
-    def tensor(self, name: str, what: str) -> TensorProto:
-        """The constant behind ``name``, or a :class:`Refusal` saying why it is not one."""
-        scope: Optional[Scope] = self
-        while scope is not None:
-            if name in scope.initializers:
-                if name in scope.inputs and scope.ir_version >= 4:
-                    raise Refusal(
-                        "overridable-initializer",
-                        f"{what} '{name}' is an initializer that graph input '{name}' can override",
-                    )
-                return scope.initializers[name]
-            if name in scope.constants:
-                return scope.constants[name]
-            if name in scope.inputs:
-                raise Refusal("not-constant", f"{what} '{name}' is a graph input")
-            scope = scope.parent
-        raise Refusal("not-constant", f"{what} '{name}' is computed at run time")
-
-    def array(self, name: str, what: str) -> np.ndarray:
-        t = self.tensor(name, what)
-        try:
-            return tensor_array(t)
-        except Exception as exc:  # sizes that disagree with the data, unknown types
-            raise Refusal("unreadable-constant", f"{what} '{name}' cannot be read: {exc}") from None
+        self.producers: Dict[str, NodeProto] = {out: n for n in graph.node for out in n.output if out}
+        self.resolver = ConstantResolver(
+            graph,
+            ir_version=ir_version,
+            outer=parent.resolver if parent is not None else None,
+            opset=self.opset,
+            producers=self.producers,
+        )
 
 
 class GraphIndex:
@@ -128,15 +90,16 @@ class GraphIndex:
     inside an If branch is never taken to have a single user.
     """
 
-    def __init__(self, graph: GraphProto) -> None:
+    def __init__(self, graph: GraphProto, producer: Optional[Dict[str, NodeProto]] = None) -> None:
         self.graph = graph
-        self.producer: Dict[str, NodeProto] = {}
+        self.producer: Dict[str, NodeProto] = {} if producer is None else producer  # shared with the resolver
         self.consumers: Dict[str, List[NodeProto]] = defaultdict(list)
         self.outputs = {o.name for o in graph.output}
         for node in graph.node:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
+            if producer is None:
+                for out in node.output:
+                    if out:
+                        self.producer[out] = node
             for name in set(node.input):
                 if name:
                     self.consumers[name].append(node)
@@ -267,13 +230,3 @@ def set_attr(node: NodeProto, name: str, value) -> None:
             del node.attribute[i]
             break
     node.attribute.append(helper.make_attribute(name, value))
-
-
-def float_dtype(t: TensorProto, what: str):
-    """The numpy dtype of a float tensor; refuse other element types."""
-    if t.data_type not in FLOAT_TYPES:
-        raise Refusal(
-            "unsupported-dtype",
-            f"{what} '{t.name}' has element type {TensorProto.DataType.Name(t.data_type)}",
-        )
-    return helper.tensor_dtype_to_np_dtype(t.data_type)

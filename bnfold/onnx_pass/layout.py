@@ -123,6 +123,12 @@ def _through_reshape(rw: GraphRewrite, node: NodeProto, axis: Axis, channels: in
         mapped = _through_axes(rw, node, axis)
         if mapped is not None:
             return mapped
+    if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1]:
+        try:
+            rw.constant(node.input[1], "Reshape target")
+        except Refusal as why:  # shapes are not inferred from a target a caller can replace
+            if why.reason == "overridable-initializer":
+                raise
     raise Refusal("shape-unknown", f"the shapes around {node.op_type} '{node_label(node)}' are unknown")
 
 

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Set
 import numpy as np
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
+from ..affine import Refusal
+from ..onnx_io import tensor_array
 from ..report import FoldReport
-from .consts import CONST_OPS, constant_value
-from .graph import GraphIndex, Names, Scope, float_dtype, node_label
+from .graph import FLOAT_TYPES, GraphIndex, Names, Scope, node_label
 
 if TYPE_CHECKING:
     from .shapes import ShapeTable
@@ -43,7 +44,8 @@ class GraphRewrite:
     ) -> None:
         self.graph = graph
         self.scope = scope
-        self.index = GraphIndex(graph)
+        self.index = GraphIndex(graph, scope.producers)
+        self.resolver = scope.resolver
         # Reports name an unnamed node by its output, which a fold may rename: fix those
         # labels now, as the user's model has them.
         self._labels = {id(n): node_label(n) for n in graph.node if not n.name}
@@ -53,7 +55,7 @@ class GraphRewrite:
         self._shape_table = ctx.shape_table
         self._spill = ctx.spill
         self.inserted: Dict[int, List[NodeProto]] = {}  # id() of node -> nodes to place after it
-        self._computed: Dict[str, np.ndarray] = {}  # values of small constant subgraphs
+        self._added: Dict[str, TensorProto] = {}  # initializers this rewrite added, by name
         self.removed: Set[int] = set()  # id() of nodes to drop
         self.orphans: List[str] = []  # values that may now be unused
         self.gone_values: Set[str] = set()  # values that no longer exist
@@ -63,17 +65,28 @@ class GraphRewrite:
     def constant(self, name: str, what: str, through_ops: bool = False, float_only: bool = False) -> np.ndarray:
         """The value of ``name`` when it is a constant, else :class:`Refusal` saying why.
 
-        Every constant a rule reads comes through here. An initializer that a graph input can
-        override is not a constant. ``through_ops`` also evaluates a short chain of shape-only
-        ops over constants (:mod:`.consts`); otherwise only initializers and Constant nodes
-        count. ``float_only`` refuses (before reading any data) an element type that bnfold
-        does not fold.
+        Every constant a rule reads comes through here, and from here only through the graph's
+        :class:`~.constants.ConstantResolver`: initializers that no graph input can override,
+        Constant nodes, outer-scope constants, and values computed from those alone by
+        deterministic default-domain ops (the refusal's reason code says why anything else is
+        not a constant). The array is read-only. ``float_only`` refuses an element type that
+        bnfold does not fold (an initializer's before its data is read). ``through_ops`` is
+        accepted for older callers and changes nothing.
         """
-        if through_ops:
-            return constant_value(self, name, what, self._computed)
-        if float_only:
-            float_dtype(self.scope.tensor(name, what), what)
-        return self.scope.array(name, what)
+        added = self._added.get(name)
+        stored = self.scope.initializers.get(name)
+        if float_only and stored is not None and stored.data_type not in FLOAT_TYPES:
+            if not (name in self.scope.inputs and self.scope.ir_version >= 4):  # else: overridable, said below
+                raise Refusal("unsupported-dtype", f"{what} '{name}' has element type {_type_name(stored.data_type)}")
+        if added is not None:  # a value this fold wrote: read back (from the spill file if spilled)
+            value = tensor_array(added)
+        else:
+            value = self.resolver.value(name, what)
+            if name in self.scope.initializers:
+                self.resolver.forget(name)  # weights are read again when needed, not kept in memory
+        if float_only and value.dtype not in _FLOAT_DTYPES:
+            raise Refusal("unsupported-dtype", f"{what} '{name}' has element type {_type_name(value.dtype)}")
+        return value
 
     def producer(self, name: str) -> Optional[NodeProto]:
         return self.index.producer.get(name)
@@ -113,10 +126,9 @@ class GraphRewrite:
             tensor.CopyFrom(spill.stub(name, value))
         else:
             _fill_tensor(tensor, name, value)
-        self.scope.initializers[name] = tensor
+        self._added[name] = tensor
         if self.scope.ir_version < 4:
             self.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(value.shape)))
-            self.scope.inputs.add(name)
         return name
 
     def set_input(self, node: NodeProto, position: int, name: str) -> None:
@@ -165,6 +177,7 @@ class GraphRewrite:
         fresh = self.names.fresh(f"{out}_bnfold_pre")
         node.output[0] = fresh
         self.index.producer[fresh] = node
+        self.resolver.forget(out)  # the Add writes it now
         add = helper.make_node("Add", [fresh, bias], [out], name=self.names.fresh(f"{base}_bnfold_add"))
         self.insert_after(node, add)
         return add
@@ -176,6 +189,8 @@ class GraphRewrite:
     def rename_output(self, node: NodeProto, old: str, new: str) -> None:
         """Make ``node`` write ``new`` instead of ``old``; ``old`` no longer exists."""
         self.index.rename_output(node, old, new)
+        self.resolver.forget(old)
+        self.resolver.forget(new)
         self.gone_values.add(old)
         self.gone_values.discard(new)
 
@@ -185,34 +200,32 @@ class GraphRewrite:
 
     def forget(self, names: Iterable[str]) -> None:
         """Values that no longer exist (their value_info goes at commit)."""
-        self.gone_values.update(n for n in names if n)
+        for n in names:
+            if n:
+                self.gone_values.add(n)
+                self.resolver.forget(n)
 
     def drop_dead_constant(self, name: str) -> None:
-        """Remove the constant-subgraph nodes behind ``name`` that nothing reads any more.
-
-        The initializer or Constant node at the root becomes an orphan candidate: the final
-        sweep removes it if nothing else reads it.
-        """
-        producer = self.producer(name)
-        while (
-            producer is not None
-            and producer.op_type in CONST_OPS
-            and not self.is_removed(producer)
-            and not self.consumers(name)
-            and not self.is_graph_output(name)
-        ):
-            self.drop_node(producer)
-            self.gone_values.add(name)
-            name = producer.input[0] if producer.input else ""
-            for extra in producer.input[1:]:
-                if extra and not self.consumers(extra):
-                    self.orphans.append(extra)  # a Reshape target or Unsqueeze axes: ours alone
-            producer = self.producer(name)
-        if name:
-            self.orphans.append(name)
+        """The rule no longer reads ``name``: at commit, the constant subgraph behind it goes
+        where nothing reads it any more (see :meth:`commit`)."""
+        self.orphans.append(name)
 
     def commit(self) -> None:
-        """Apply node removals and insertions, keeping the order of what remains."""
+        """Remove the constant subgraphs the folds left unread, then apply node removals and
+        insertions, keeping the order of what remains.
+
+        Starting from the values the rules stopped reading (:attr:`orphans`), the resolver
+        names the ops it evaluated and the Constant nodes whose outputs nothing reads any more
+        (nodes holding a subgraph that reads a value count as readers; graph outputs stay).
+        Their inputs become orphans too: the engine's final sweep removes the initializers
+        among them that no graph reads.
+        """
+        if self.orphans:
+            gone = self.resolver.removable(self.orphans, lambda n: len(self.index.consumers.get(n, ())))
+            for node in gone.nodes:
+                self.drop_node(node)
+                self.forget(node.output)
+                self.orphans.extend(i for i in node.input if i)
         if not (self.removed or self.inserted):
             return
         kept = []
@@ -230,6 +243,18 @@ class GraphRewrite:
             if len(vi) != len(self.graph.value_info):
                 del self.graph.value_info[:]
                 self.graph.value_info.extend(vi)
+
+
+_FLOAT_DTYPES = {np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in FLOAT_TYPES}
+
+
+def _type_name(dtype) -> str:
+    """The ONNX name of a numpy dtype or of a TensorProto data type number."""
+    try:
+        number = dtype if isinstance(dtype, int) else helper.np_dtype_to_tensor_dtype(dtype)
+        return TensorProto.DataType.Name(number)
+    except (KeyError, ValueError, TypeError):
+        return str(dtype)
 
 
 def _fill_tensor(tensor: TensorProto, name: str, value: np.ndarray) -> None:
