@@ -312,6 +312,9 @@ def test_pt2_prints_the_check_verdict_and_fills_the_json_check_block(tmp_path):
     assert entry["format"] == "pt2" and entry["check"]["passed"] is True
     assert entry["check"]["models"] == {"original": str(tmp_path / "m.pt2"), "folded": str(tmp_path / "f.pt2")}
     assert entry["check"]["outputs"] and entry["check"]["runtime"]
+    skipped = invoke(tmp_path / "m.pt2", "-o", tmp_path / "g.pt2", "--no-check")
+    assert skipped.exit_code == 0 and "check: PASS, 1 output(s) match" in skipped.stdout
+    assert "(a .pt2 is always checked)" in skipped.stdout  # --no-check cannot be honoured: say so
 
 
 def test_an_output_folder_that_cannot_be_made_is_an_output_error_not_a_bug(tmp_path, three):
