@@ -141,6 +141,10 @@ class OrtRunner:
             check_path(os.fspath(model))
             folder = os.path.dirname(os.path.abspath(os.fspath(model)))
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            if not relax_zero_dims:
+                data = _file_with_outputs(os.fspath(model), names, self.label)
+                if data is not None:
+                    return data
             model = load_proto(model)
         copy = with_outputs(model, names)
         if relax_zero_dims:
@@ -185,6 +189,53 @@ class OrtRunner:
                 values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
         results = self.session.run_with_ort_values(None, values, self._run_options)
         return {name: _ortvalue_to_numpy(v, name, self.label) for name, v in zip(self.output_names, results)}
+
+
+def _file_with_outputs(path: str, names: Sequence[str], label: str) -> Optional[bytes]:
+    """The file's bytes followed by a ModelProto that holds only ``graph.output`` entries named
+    ``names``: protobuf merges a repeated message field by appending, so onnxruntime reads the
+    model with those outputs added. No parse, copy or re-serialization of the weights; a name the
+    file already lists as an output is not added twice (a graph output listed twice is refused)."""
+    from ..onnx_proto import ModelProto
+    from ..onnx_wire import WireError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    try:
+        present = graph_output_names(data)
+    except WireError:  # malformed: the full parser words the error
+        return None
+    tail = ModelProto()
+    for name in dict.fromkeys(names):
+        if name not in present:
+            tail.graph.output.add().name = name
+    return data + tail.SerializeToString()
+
+
+def graph_output_names(data: bytes) -> set:
+    """The names of the main graph's outputs in a serialized ModelProto, read off the wire
+    (only the graph's top-level fields are walked; the weights are skipped, not parsed)."""
+    from ..onnx_proto import GraphProto, ModelProto, ValueInfoProto
+    from ..onnx_wire import fields
+
+    graph_no = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    output_no = GraphProto.DESCRIPTOR.fields_by_name["output"].number
+    name_no = ValueInfoProto.DESCRIPTOR.fields_by_name["name"].number
+    view = memoryview(data)
+    names = set()
+    for number, wire, _, start, end in fields(view, 0, len(data)):
+        if number != graph_no or wire != 2:
+            continue
+        for n2, w2, _, s2, e2 in fields(view, start, end):
+            if n2 != output_no or w2 != 2:
+                continue
+            for n3, w3, _, s3, e3 in fields(view, s2, e2):
+                if n3 == name_no and w3 == 2:
+                    names.add(bytes(view[s3:e3]).decode("utf-8", "replace"))
+    return names
 
 
 def _ortvalue_to_numpy(value, name: str, label: str) -> np.ndarray:

@@ -1,0 +1,53 @@
+"""How the check builds its onnxruntime sessions: extra outputs of a model on disk are added
+by appending to its bytes (no parse, the file untouched), and both models run side by side."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.verify import OrtRunner
+from bnfold.verify.equivalence import _side_by_side
+from bnfold.verify.runner import graph_output_names
+
+
+def _model(path):
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(2, 2), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_extra_outputs_of_a_file_come_back_and_the_file_is_untouched(tmp_path):
+    path = _model(str(tmp_path / "m.onnx"))
+    before = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    x = np.array([[1.0, -2.0]], dtype=np.float32)
+    got = OrtRunner(path, extra_outputs=["h", "y", "h"]).run({"x": x})
+    assert sorted(got) == ["h", "y"]  # 'y' is already an output: listed once
+    np.testing.assert_array_equal(got["h"], x @ np.arange(4, dtype=np.float32).reshape(2, 2))
+    np.testing.assert_array_equal(got["y"], np.maximum(got["h"], 0))
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == before
+
+
+def test_graph_output_names_read_off_the_wire(tmp_path):
+    path = _model(str(tmp_path / "m.onnx"))
+    assert graph_output_names(open(path, "rb").read()) == {"y"}
+
+
+def test_side_by_side_returns_in_order_and_raises_the_first_failure():
+    assert _side_by_side([lambda: 1, lambda: 2]) == [1, 2]
+
+    def fail(msg):
+        raise ValueError(msg)
+
+    try:
+        _side_by_side([lambda: fail("first"), lambda: fail("second")])
+    except ValueError as exc:
+        assert str(exc) == "first"
+    else:
+        raise AssertionError("no error raised")
