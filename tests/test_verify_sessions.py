@@ -51,3 +51,18 @@ def test_side_by_side_returns_in_order_and_raises_the_first_failure():
         assert str(exc) == "first"
     else:
         raise AssertionError("no error raised")
+
+
+def test_an_edited_graph_gets_the_weights_from_the_file_byte_for_byte(tmp_path):
+    from bnfold.verify.runner import with_file_weights
+
+    path = _model(str(tmp_path / "m.onnx"))
+    edited = onnx.load(path)
+    edited.graph.node[1].output[0] = "y_cut"  # an edit that leaves the initializers alone
+    edited.graph.input.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1]))
+    data = with_file_weights(edited, path)
+    back = onnx.ModelProto()
+    back.ParseFromString(data)
+    assert back == edited
+    edited.graph.initializer.pop()  # initializers that no longer line up: the caller serializes
+    assert with_file_weights(edited, path) is None

@@ -14,7 +14,7 @@ from .inputs import make_feeds, save_npz
 from .interface import Interface, ModelLike, read_interface
 from .precision import float_name, lowest, value_precisions
 from .results import CheckResult
-from .runner import OrtRunner, ort_version
+from .runner import OrtRunner, ort_version, with_file_weights
 from .sites import MAGNITUDE, fold_sites, site_tensors, stitched
 
 
@@ -229,6 +229,8 @@ def _stitched_run(original, orig_iface, sites, feeds, inner, run, notes, probes=
     try:
         proto = stitched(orig_iface.proto, {n: inner[0][1][n] for n in names}, probes)
         made = {n.output[0] for n in proto.graph.node if n.output}
+        if folder is not None and not orig_iface.zero_dims:  # the weights as the file has them (the graph read may hold lazy stubs)
+            proto = with_file_weights(proto, os.fspath(original)) or proto
         extra = [n + CUT for n in names] + list(dict.fromkeys(befores)) + [p + MAGNITUDE for p in probes if p + MAGNITUDE in made]
         runner = OrtRunner(proto, label=f"{orig_iface.label} (fed the folded model's site values)", external_folder=folder,
                            extra_outputs=extra, relax_zero_dims=orig_iface.zero_dims, **run)

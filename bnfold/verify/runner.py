@@ -122,6 +122,8 @@ class OrtRunner:
         )
 
     def _source(self, model: ModelLike):
+        if isinstance(model, bytes):  # already serialized
+            return model
         if isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
             check_path(path)
@@ -137,6 +139,8 @@ class OrtRunner:
         data from its own folder. The model file is never written."""
         from .sites import with_outputs
 
+        if isinstance(model, bytes):
+            return model + _outputs_tail(model, names)
         if isinstance(model, (str, os.PathLike)):
             check_path(os.fspath(model))
             folder = os.path.dirname(os.path.abspath(os.fspath(model)))
@@ -196,7 +200,6 @@ def _file_with_outputs(path: str, names: Sequence[str], label: str) -> Optional[
     ``names``: protobuf merges a repeated message field by appending, so onnxruntime reads the
     model with those outputs added. No parse, copy or re-serialization of the weights; a name the
     file already lists as an output is not added twice (a graph output listed twice is refused)."""
-    from ..onnx_proto import ModelProto
     from ..onnx_wire import WireError
 
     try:
@@ -205,14 +208,53 @@ def _file_with_outputs(path: str, names: Sequence[str], label: str) -> Optional[
     except OSError as exc:
         raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
     try:
-        present = graph_output_names(data)
+        return data + _outputs_tail(data, names)
     except WireError:  # malformed: the full parser words the error
         return None
+
+
+def _outputs_tail(data: bytes, names: Sequence[str]) -> bytes:
+    """A serialized ModelProto that, appended to ``data``, adds ``names`` as graph outputs."""
+    from ..onnx_proto import ModelProto
+
+    present = graph_output_names(data)
     tail = ModelProto()
     for name in dict.fromkeys(names):
         if name not in present:
             tail.graph.output.add().name = name
-    return data + tail.SerializeToString()
+    return tail.SerializeToString()
+
+
+def with_file_weights(model, path: str) -> Optional[bytes]:
+    """``model`` (a copy of the model at ``path`` whose graph was edited, its main-graph
+    initializers unchanged but possibly lazy stubs) serialized with the initializers' bytes
+    taken verbatim from the file: the rest of the model is serialized (small), the weights are
+    neither parsed nor serialized. None when the file's initializers do not line up with the
+    model's (then the caller serializes the model itself)."""
+    from ..onnx_proto import GraphProto, ModelProto
+    from ..onnx_wire import WireError, fields, key, varint
+
+    graph_no = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_no = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        view = memoryview(data)
+        graphs = [(s, e) for n, w, _, s, e in fields(view, 0, len(data)) if n == graph_no and w == 2]
+        if len(graphs) != 1:
+            return None
+        inits = [(fs, e) for n, w, fs, _, e in fields(view, *graphs[0]) if n == init_no and w == 2]
+    except (OSError, WireError):
+        return None
+    if len(inits) != len(model.graph.initializer):
+        return None
+    rest = type(model)()
+    rest.CopyFrom(model)  # stubs, not weights: small
+    del rest.graph.initializer[:]
+    head = rest.graph.SerializeToString()
+    size = len(head) + sum(e - s for s, e in inits)
+    rest.ClearField("graph")
+    return b"".join([rest.SerializeToString(), key(graph_no), varint(size), head] + [view[s:e] for s, e in inits])
 
 
 def graph_output_names(data: bytes) -> set:
