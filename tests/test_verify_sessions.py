@@ -66,3 +66,28 @@ def test_an_edited_graph_gets_the_weights_from_the_file_byte_for_byte(tmp_path):
     assert back == edited
     edited.graph.initializer.pop()  # initializers that no longer line up: the caller serializes
     assert with_file_weights(edited, path) is None
+
+
+def test_a_prepared_original_session_is_taken_only_for_the_same_model_and_options(tmp_path):
+    from bnfold.verify import OriginalSession, check
+
+    path = _model(str(tmp_path / "m.onnx"))
+    prepared = OriginalSession(path)
+    assert prepared.take(path, "disable", "cpu", None) is not None
+    assert prepared.take(path, "basic", "cpu", None) is None
+    assert prepared.take(str(tmp_path / "other.onnx"), "disable", "cpu", None) is None
+    assert check(path, path, prepared=OriginalSession(path))
+
+
+def test_a_prepared_session_that_failed_leaves_the_error_to_the_check(tmp_path):
+    import pytest
+
+    from bnfold.errors import InputError
+    from bnfold.verify import OriginalSession, check
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    prepared = OriginalSession(str(bad))
+    assert prepared.take(str(bad), "disable", "cpu", None) is None
+    with pytest.raises(InputError):
+        check(str(bad), _model(str(tmp_path / "m.onnx")), prepared=prepared)

@@ -24,6 +24,47 @@ VERDICT_RULE = (
 )
 
 
+class OriginalSession:
+    """The original model's interface and onnxruntime session, made in a background thread
+    while the caller does other work (the fold command starts it right after reading the model,
+    so the session is ready when the folded model is written). Pass it to :func:`check` as
+    ``prepared``; it is used only for the same model and the same runtime options, and any
+    failure here is left to :func:`check` to meet again and report in its usual words."""
+
+    def __init__(self, original: ModelLike, *, ort_opt: str = "disable", provider: str = "cpu",
+                 threads: Optional[int] = None) -> None:
+        import threading
+
+        self.original, self.key = original, (ort_opt, provider, threads)
+        self._made: Optional[Tuple[Interface, OrtRunner]] = None
+        self._thread = threading.Thread(target=self._make, daemon=True)
+        self._thread.start()
+
+    def _make(self) -> None:
+        try:
+            iface = read_interface(self.original)
+            ort_opt, provider, threads = self.key
+            runner = OrtRunner(self.original, label=iface.label, relax_zero_dims=iface.zero_dims, ort_opt=ort_opt,
+                               provider=provider, threads=_half_cores(threads))
+            self._made = (iface, runner)
+        except BaseException:  # noqa: BLE001  (check() makes them again and reports the error)
+            self._made = None
+
+    def take(self, original: ModelLike, ort_opt: str, provider: str, threads: Optional[int]):
+        """``(interface, runner)`` if made for this model and these options, else None."""
+        self._thread.join()
+        paths = all(isinstance(m, (str, os.PathLike)) for m in (original, self.original))
+        same = original is self.original or paths and os.fspath(original) == os.fspath(self.original)
+        if self._made is None or not same:
+            return None
+        return self._made if self.key == (ort_opt, provider, threads) else None
+
+
+def _half_cores(threads: Optional[int]) -> int:
+    """Intra-op threads of each of the two sessions that run side by side."""
+    return threads if threads is not None else max(1, (os.cpu_count() or 2) // 2)
+
+
 def check(
     original: ModelLike,
     folded: ModelLike,
@@ -43,6 +84,7 @@ def check(
     report: Any = None,
     save_inputs: Optional[Union[str, "os.PathLike[str]"]] = None,
     save_outputs: Optional[Union[str, "os.PathLike[str]"]] = None,
+    prepared: Optional[OriginalSession] = None,
 ) -> CheckResult:
     """Run both models (paths or ModelProtos) on the same seeded inputs; compare every output.
 
@@ -65,7 +107,8 @@ def check(
     options (shapes, npz, tolerances, provider) do not fit.
     """
     start = time.perf_counter()
-    orig_iface = read_interface(original)
+    ready = prepared.take(original, ort_opt, provider, threads) if prepared is not None else None
+    orig_iface = ready[0] if ready is not None else read_interface(original)
     fold_iface = read_interface(folded)
     if labels is not None:
         orig_iface.label, fold_iface.label = labels
@@ -107,9 +150,12 @@ def check(
     run = dict(ort_opt=ort_opt, provider=provider, threads=threads)
     # The two models' sessions are made, and run, side by side (onnxruntime releases the GIL),
     # each on half the cores unless --threads says otherwise.
-    pair = dict(run, threads=threads if threads is not None else max(1, (os.cpu_count() or 2) // 2))
+    pair = dict(run, threads=_half_cores(threads))
+    if ready is not None:
+        ready[1].label = orig_iface.label
     # The original's own site values are needed only if the cut copy cannot run (see _compare_site).
     runners = _side_by_side([
+        (lambda: ready[1]) if ready is not None else
         lambda: OrtRunner(original, label=orig_iface.label, relax_zero_dims=orig_iface.zero_dims, **pair),
         lambda: OrtRunner(folded, label=fold_iface.label, extra_outputs=expose_fold, relax_zero_dims=fold_iface.zero_dims, **pair),
     ])
