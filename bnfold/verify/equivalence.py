@@ -164,6 +164,7 @@ def check(
     expected: Dict[str, List[np.ndarray]] = {}
     actual: Dict[str, List[np.ndarray]] = {}
     inner: List[Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]] = []
+    pending = _early_stitched_runner(original, orig_iface, sites, runners[1], run) if sites else None
     for feed in feeds:
         got = _side_by_side([lambda r=runner: _run(r, feed, input_notes) for runner in runners])
         for name in out_names:
@@ -178,20 +179,20 @@ def check(
     if sites:
         # First without the |w||x| probes: they only widen R (see SITE_RULE), so a site that
         # passes without them passes with them; they are computed only when some site fails.
-        local = _stitched_run(original, orig_iface, sites, feeds, inner, run, notes, probes=False)
+        local = _stitched_run(original, orig_iface, sites, feeds, inner, run, notes, probes=False, pending=pending)
         if local is None:  # compare end to end: the original's own values at the sites
             again = OrtRunner(original, label=orig_iface.label, extra_outputs=expose_orig, relax_zero_dims=orig_iface.zero_dims, **run)
             for feed, (orig_values, _) in zip(feeds, inner):
                 got = _run(again, feed, input_notes)
                 orig_values.update({n: got[n] for n in expose_orig})
-        result.sites = [_compare_site(site, v, inner, local, rtol) for site in sites for v in site.values]
+        result.sites = _compare_sites(sites, inner, local, rtol)
         if local is not None and not all(s.passed for s in result.sites) and _has_probes(sites):
             probed = _stitched_run(original, orig_iface, sites, feeds, inner, run, [], probes=True)
             if probed is None:
                 notes.append("the |w||x| probes of the folded linear ops do not run: fold sites compared without them")
             else:
                 local = probed
-                result.sites = [_compare_site(site, v, inner, local, rtol) for site in sites for v in site.values]
+                result.sites = _compare_sites(sites, inner, local, rtol)
         result.site_rule, result.verdict_rule = SITE_RULE, VERDICT_RULE
         if local is not None and result.failed_outputs and not result.failed_sites and not result.problems:
             _judge_against_stitched(result, local, actual, atol, rtol, per_output_atol, out_precisions)
@@ -259,33 +260,95 @@ def _has_probes(sites) -> bool:
     return any(v.probe for s in sites for v in s.values)
 
 
-def _stitched_run(original, orig_iface, sites, feeds, inner, run, notes, probes=True):
+def _site_names(sites) -> List[str]:
+    return list(dict.fromkeys(v.name for s in sites for v in s.values))
+
+
+def _stitched_runner(original, orig_iface, sites, dtypes, run, probes=True) -> OrtRunner:
+    """The session of the original cut at every fold site (``dtypes``: the numpy dtype of each
+    site value, the type of the input that replaces it). Raises what onnxruntime refuses."""
+    names = _site_names(sites)
+    befores = [v.before for s in sites for v in s.values if v.before and v.before not in names]
+    probes = list(dict.fromkeys(v.probe for s in sites for v in s.values if v.probe)) if probes else []
+    folder = os.path.dirname(os.path.abspath(os.fspath(original))) if isinstance(original, (str, os.PathLike)) else None
+    proto = stitched(orig_iface.proto, {n: np.empty(0, dtypes[n]) for n in names}, probes)
+    made = {n.output[0] for n in proto.graph.node if n.output}
+    if folder is not None and not orig_iface.zero_dims:  # the weights as the file has them (the graph read may hold lazy stubs)
+        proto = with_file_weights(proto, os.fspath(original)) or proto
+    extra = [n + CUT for n in names] + list(dict.fromkeys(befores)) + [p + MAGNITUDE for p in probes if p + MAGNITUDE in made]
+    return OrtRunner(proto, label=f"{orig_iface.label} (fed the folded model's site values)", external_folder=folder,
+                     extra_outputs=extra, relax_zero_dims=orig_iface.zero_dims, **run)
+
+
+# onnxruntime's output type names -> numpy dtypes, for the cut copy's inputs
+_ORT_TYPES = {f"tensor({np.dtype(t).name})": np.dtype(t) for t in (
+    np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)}
+_ORT_TYPES.update({"tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64), "tensor(bool)": np.dtype(bool)})
+
+
+def _early_stitched_runner(original, orig_iface, sites, folded_runner, run):
+    """Start making the cut copy's session in a background thread while the two models run
+    (its inputs' types come from the folded session's outputs); None when a type is not plain."""
+    import threading
+
+    types = {o.name: o.type for o in folded_runner.session.get_outputs()}
+    dtypes = {n: _ORT_TYPES.get(types.get(n, "")) for n in _site_names(sites)}
+    if any(d is None for d in dtypes.values()):
+        return None
+    box: Dict[str, Any] = {}
+
+    def make():
+        try:
+            box["runner"] = _stitched_runner(original, orig_iface, sites, dtypes, run, probes=False)
+        except BaseException as exc:  # noqa: BLE001  (raised again where the runner is taken)
+            box["error"] = exc
+
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+
+    def take() -> OrtRunner:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["runner"]
+
+    return take
+
+
+def _stitched_run(original, orig_iface, sites, feeds, inner, run, notes, probes=True, pending=None):
     """Run the original with every fold site cut and fed the folded model's value there.
 
     Per batch: ``{name: array}`` with, for each site ``V``, ``V + CUT`` (what the original's
     folded run computes from the folded model's values upstream: the fold's *local* reference),
     the values entering the runs, and the graph outputs (what the original network computes
     downstream of the folded sites). None (with a note) when onnxruntime refuses the cut model.
+    ``pending``: a callable returning the session made already (:func:`_early_stitched_runner`).
     """
-    names = [v.name for s in sites for v in s.values]
-    names = list(dict.fromkeys(names))
-    befores = [v.before for s in sites for v in s.values if v.before and v.before not in names]
-    probes = list(dict.fromkeys(v.probe for s in sites for v in s.values if v.probe)) if probes else []
-    folder = os.path.dirname(os.path.abspath(os.fspath(original))) if isinstance(original, (str, os.PathLike)) else None
+    names = _site_names(sites)
     try:
-        proto = stitched(orig_iface.proto, {n: inner[0][1][n] for n in names}, probes)
-        made = {n.output[0] for n in proto.graph.node if n.output}
-        if folder is not None and not orig_iface.zero_dims:  # the weights as the file has them (the graph read may hold lazy stubs)
-            proto = with_file_weights(proto, os.fspath(original)) or proto
-        extra = [n + CUT for n in names] + list(dict.fromkeys(befores)) + [p + MAGNITUDE for p in probes if p + MAGNITUDE in made]
-        runner = OrtRunner(proto, label=f"{orig_iface.label} (fed the folded model's site values)", external_folder=folder,
-                           extra_outputs=extra, relax_zero_dims=orig_iface.zero_dims, **run)
+        if pending is not None:
+            runner = pending()
+        else:
+            runner = _stitched_runner(original, orig_iface, sites, {n: inner[0][1][n].dtype for n in names}, run, probes)
         return [{**runner.run({**feed, **{n: fold_values[n] for n in names}}), **{n: fold_values[n] for n in names}}
                 for feed, (_, fold_values) in zip(feeds, inner)]
     except (InputError, ValueError, KeyError) as exc:  # an auxiliary run: its failure must not fail the check
         notes.append(f"fold sites compared with the original end to end (looser k): the original cut at the sites "
                      f"does not run ({type(exc).__name__}: {exc})")
         return None
+
+
+def _compare_sites(sites, inner, local, rtol):
+    """Every site value compared (:func:`_compare_site`), on two threads where there are cores:
+    numpy's reductions release the GIL. The order of the results is the sites' order."""
+    jobs = [(site, v) for site in sites for v in site.values]
+    workers = min(2, os.cpu_count() or 1, len(jobs))
+    if workers < 2:
+        return [_compare_site(site, v, inner, local, rtol) for site, v in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: _compare_site(job[0], job[1], inner, local, rtol), jobs))
 
 
 def _compare_site(site, value, inner, local, rtol):
