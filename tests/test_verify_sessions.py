@@ -91,3 +91,36 @@ def test_a_prepared_session_that_failed_leaves_the_error_to_the_check(tmp_path):
     assert prepared.take(str(bad), "disable", "cpu", None) is None
     with pytest.raises(InputError):
         check(str(bad), _model(str(tmp_path / "m.onnx")), prepared=prepared)
+
+
+def test_a_wrong_fold_through_the_fold_command_fails_names_the_fold_and_writes_nothing(tmp_path, monkeypatch):
+    """The fold command's check (original session made during the fold, sessions side by side,
+    the cut copy made early, probes only on failure) still catches one channel 1 % off."""
+    import os
+
+    import bnfold.onnx_pass as onnx_pass
+    from bnfold.onnx_io import tensor_array
+    from bnfold.pipeline import fold_path
+
+    real = onnx_pass.fold_model_proto
+    hit = {}
+
+    def sabotaged(model, **kwargs):
+        report = real(model, **kwargs)
+        conv = next(n for n in model.graph.node if n.op_type == "Conv")
+        inits = {t.name: t for t in model.graph.initializer}
+        w = tensor_array(inits[conv.input[1]]).copy()
+        w[0] *= 1.01
+        tensor = inits[conv.input[1]]
+        del tensor.float_data[:]
+        tensor.raw_data = np.ascontiguousarray(w, dtype="<f4").tobytes()
+        hit["conv"] = conv.name
+        return report
+
+    monkeypatch.setattr(onnx_pass, "fold_model_proto", sabotaged)
+    src = os.path.join(os.path.dirname(__file__), "..", "sample_models", "resnet_mini.onnx")
+    dst = tmp_path / "out.onnx"
+    outcome = fold_path(src, str(dst))
+    assert not outcome.ok and not dst.exists()
+    failed = [s for s in outcome.verdict["sites"] if not s["passed"]]
+    assert failed and hit["conv"] in failed[0]["into"]
