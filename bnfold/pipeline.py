@@ -240,6 +240,8 @@ def _fold_onnx(outcome: FoldOutcome, check: bool, check_options: Dict, on_phase)
         if dst is not None:
             check_output_path(dst, protect)  # before the work, not after it
         outcome.before = dict(bytes=_file_bytes([source, *data_files]), **op_counts(model))
+    if check and dst is not None:  # the original's session is made while the fold runs
+        check_options = dict(check_options, prepared=_prepare_check(source, check_options))
     with _spill_beside(dst) as spill:  # new weights wait on disk, not in memory
         with phase("fold"):
             outcome.report = fold_model_proto(model, spill=spill)
@@ -303,6 +305,15 @@ def _write_and_check(model, source: str, protect, outcome, phase, *, external, c
 
 class _Mismatch(Exception):
     """Raised inside the staging block so that nothing is moved into place."""
+
+
+def _prepare_check(original: str, options: Dict):
+    """Start making the original's onnxruntime session in a background thread (see
+    :class:`bnfold.verify.OriginalSession`); the check takes it if its options match."""
+    from .verify import OriginalSession
+
+    return OriginalSession(original, ort_opt=options.get("ort_opt", "disable"), provider=options.get("provider", "cpu"),
+                           threads=options.get("threads"))
 
 
 def _check(original: str, folded: str, labels, report, options: Dict):

@@ -52,7 +52,7 @@ from .compare import (
     default_tolerance,
     parse_atol,
 )
-from .equivalence import VERDICT_RULE, check
+from .equivalence import VERDICT_RULE, OriginalSession, check
 from .inputs import (
     DEFAULT_BATCH_DIM,
     DEFAULT_INT_RANGE,
@@ -71,7 +71,7 @@ from .sites import FoldSite, fold_sites
 from .runner import CUDA_HELP, OPT_LEVELS, PROVIDERS, OrtRunner, ort_version, run_onnx
 
 __all__ = [
-    "check", "CheckResult", "OutputStats", "SiteStats", "FoldSite", "fold_sites", "value_precisions", "VERDICT_RULE",
+    "check", "OriginalSession", "CheckResult", "OutputStats", "SiteStats", "FoldSite", "fold_sites", "value_precisions", "VERDICT_RULE",
     "SITE_RULE", "SITE_TOLERANCES", "SITE_SLOPES", "compare_outputs", "default_tolerance", "DEFAULT_TOLERANCES", "RULE",
     "SCALE_RULE", "parse_atol", "parse_range", "parse_shape", "make_inputs", "make_feeds", "InputInfo",
     "DEFAULT_BATCH_DIM", "DEFAULT_OTHER_DIM", "DEFAULT_INT_RANGE", "MAX_INPUT_ELEMENTS", "Interface", "TensorSpec",

@@ -400,8 +400,14 @@ def _site_groups(exp_list, act_list, before_list, magnitude_list=None):
     m = None if magnitude_list is None else [np.asarray(v, dtype=np.float64) for v in magnitude_list]
     same = all(len({v.shape for v in group}) == 1 for group in (e, x, m) if group is not None)
     if same:
-        return [(np.stack(e), np.stack(a), None if x is None else np.stack(x), None if m is None else np.stack(m), True)]
+        stack = _stack
+        return [(stack(e), stack(a), None if x is None else stack(x), None if m is None else stack(m), True)]
     return [(eb, ab, None if x is None else x[i], None if m is None else m[i], False) for i, (eb, ab) in enumerate(zip(e, a))]
+
+
+def _stack(arrays):
+    """``np.stack(arrays)``; one array becomes a view with a new first axis, not a copy."""
+    return arrays[0][np.newaxis] if len(arrays) == 1 else np.stack(arrays)
 
 
 def _shift_axis(axis: int, stacked: bool, ndim: int) -> Optional[int]:

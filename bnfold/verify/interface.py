@@ -82,8 +82,28 @@ def load_proto(model: ModelLike):
     return read_model(os.fspath(model), load_external=False)[0]
 
 
+def load_graph(model: ModelLike):
+    """Like :func:`load_proto`, for reading the graph only: a large file's big weights stay on
+    disk as lazy stubs (:func:`bnfold.onnx_wire.read_lazy`; read them with
+    :func:`bnfold.onnx_io.tensor_array`), so the check does not parse 100 MB it never looks at."""
+    if isinstance(model, (str, os.PathLike)):
+        from ..onnx_io import LAZY_FILE_MIN_BYTES, _check_is_model
+        from ..onnx_wire import read_lazy
+
+        path = os.fspath(model)
+        check_path(path)
+        if os.path.getsize(path) >= LAZY_FILE_MIN_BYTES:
+            try:
+                proto = read_lazy(path)[0]
+                _check_is_model(proto, path)
+                return proto
+            except Exception:  # malformed: the full parser words the error
+                pass
+    return load_proto(model)
+
+
 def read_interface(model: ModelLike) -> Interface:
-    proto = load_proto(model)
+    proto = load_graph(model)
     graph = proto.graph
     init_names = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     inputs, optional = [], []

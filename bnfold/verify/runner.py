@@ -122,6 +122,8 @@ class OrtRunner:
         )
 
     def _source(self, model: ModelLike):
+        if isinstance(model, bytes):  # already serialized
+            return model
         if isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
             check_path(path)
@@ -137,10 +139,16 @@ class OrtRunner:
         data from its own folder. The model file is never written."""
         from .sites import with_outputs
 
+        if isinstance(model, bytes):
+            return model + _outputs_tail(model, names)
         if isinstance(model, (str, os.PathLike)):
             check_path(os.fspath(model))
             folder = os.path.dirname(os.path.abspath(os.fspath(model)))
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            if not relax_zero_dims:
+                data = _file_with_outputs(os.fspath(model), names, self.label)
+                if data is not None:
+                    return data
             model = load_proto(model)
         copy = with_outputs(model, names)
         if relax_zero_dims:
@@ -185,6 +193,91 @@ class OrtRunner:
                 values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
         results = self.session.run_with_ort_values(None, values, self._run_options)
         return {name: _ortvalue_to_numpy(v, name, self.label) for name, v in zip(self.output_names, results)}
+
+
+def _file_with_outputs(path: str, names: Sequence[str], label: str) -> Optional[bytes]:
+    """The file's bytes followed by a ModelProto that holds only ``graph.output`` entries named
+    ``names``: protobuf merges a repeated message field by appending, so onnxruntime reads the
+    model with those outputs added. No parse, copy or re-serialization of the weights; a name the
+    file already lists as an output is not added twice (a graph output listed twice is refused)."""
+    from ..onnx_wire import WireError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data + _outputs_tail(data, names)
+    except WireError:  # malformed: the full parser words the error
+        return None
+
+
+def _outputs_tail(data: bytes, names: Sequence[str]) -> bytes:
+    """A serialized ModelProto that, appended to ``data``, adds ``names`` as graph outputs."""
+    from ..onnx_proto import ModelProto
+
+    present = graph_output_names(data)
+    tail = ModelProto()
+    for name in dict.fromkeys(names):
+        if name not in present:
+            tail.graph.output.add().name = name
+    return tail.SerializeToString()
+
+
+def with_file_weights(model, path: str) -> Optional[bytes]:
+    """``model`` (a copy of the model at ``path`` whose graph was edited, its main-graph
+    initializers unchanged but possibly lazy stubs) serialized with the initializers' bytes
+    taken verbatim from the file: the rest of the model is serialized (small), the weights are
+    neither parsed nor serialized. None when the file's initializers do not line up with the
+    model's (then the caller serializes the model itself)."""
+    from ..onnx_proto import GraphProto, ModelProto
+    from ..onnx_wire import WireError, fields, key, varint
+
+    graph_no = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_no = GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        view = memoryview(data)
+        graphs = [(s, e) for n, w, _, s, e in fields(view, 0, len(data)) if n == graph_no and w == 2]
+        if len(graphs) != 1:
+            return None
+        inits = [(fs, e) for n, w, fs, _, e in fields(view, *graphs[0]) if n == init_no and w == 2]
+    except (OSError, WireError):
+        return None
+    if len(inits) != len(model.graph.initializer):
+        return None
+    rest = type(model)()
+    rest.CopyFrom(model)  # stubs, not weights: small
+    del rest.graph.initializer[:]
+    head = rest.graph.SerializeToString()
+    size = len(head) + sum(e - s for s, e in inits)
+    rest.ClearField("graph")
+    return b"".join([rest.SerializeToString(), key(graph_no), varint(size), head] + [view[s:e] for s, e in inits])
+
+
+def graph_output_names(data: bytes) -> set:
+    """The names of the main graph's outputs in a serialized ModelProto, read off the wire
+    (only the graph's top-level fields are walked; the weights are skipped, not parsed)."""
+    from ..onnx_proto import GraphProto, ModelProto, ValueInfoProto
+    from ..onnx_wire import fields
+
+    graph_no = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    output_no = GraphProto.DESCRIPTOR.fields_by_name["output"].number
+    name_no = ValueInfoProto.DESCRIPTOR.fields_by_name["name"].number
+    view = memoryview(data)
+    names = set()
+    for number, wire, _, start, end in fields(view, 0, len(data)):
+        if number != graph_no or wire != 2:
+            continue
+        for n2, w2, _, s2, e2 in fields(view, start, end):
+            if n2 != output_no or w2 != 2:
+                continue
+            for n3, w3, _, s3, e3 in fields(view, s2, e2):
+                if n3 == name_no and w3 == 2:
+                    names.add(bytes(view[s3:e3]).decode("utf-8", "replace"))
+    return names
 
 
 def _ortvalue_to_numpy(value, name: str, label: str) -> np.ndarray:

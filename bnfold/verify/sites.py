@@ -151,13 +151,14 @@ def _attach_bn_params(bn, values: List[SiteValue], inits) -> None:
     """Give the site that is ``bn``'s own output (computed from its own input) the BN's per-channel
     gain and shift magnitude, when its parameters are initializers held in the model."""
     import numpy as np
-    from onnx import numpy_helper
+
+    from ..onnx_io import tensor_array  # reads lazy stubs too
 
     mine = [v for v in values if bn.output and v.name == bn.output[0] and v.before == bn.input[0]]
     if not mine or len(bn.input) < 5:
         return
     try:
-        scale, bias, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64).ravel() for n in bn.input[1:5])
+        scale, bias, mean, var = (tensor_array(inits[n]).astype(np.float64).ravel() for n in bn.input[1:5])
     except Exception:  # not initializers, or data kept outside the model: estimate from the data instead
         return
     eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
