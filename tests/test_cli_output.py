@@ -186,6 +186,25 @@ def test_help_explains_every_option_with_an_example():
     assert "bnfold MODEL.onnx -o OUT.onnx" in invoke("--help").stdout
 
 
+def test_every_option_of_every_command_has_an_example_that_uses_it():
+    import click
+
+    commands = {"bnfold": main, **{f"bnfold {name}": cmd for name, cmd in main.commands.items()}}
+    assert {"bnfold fold", "bnfold check", "bnfold bench"} <= set(commands)
+    missing = []
+    for path, command in commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name == "help":
+                continue
+            text = param.help or ""
+            example = text.split("Example:", 1)[1] if "Example:" in text else ""
+            if not any(flag in example.split() for flag in param.opts + param.secondary_opts):
+                missing.append(f"{path} {'/'.join(param.opts + param.secondary_opts)}")
+    assert not missing, f"options whose help has no 'Example: ...' using the option: {missing}"
+    text = invoke("bench", "--help").stdout  # and --help shows them
+    assert "Example: --provider cuda" in " ".join(text.split())
+
+
 # -- JSON: one documented shape; '-' is stdout ---------------------------------------------------
 
 
