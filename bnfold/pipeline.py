@@ -186,7 +186,7 @@ def fold_path(
     try:
         outcome.format = model_format(src)
         if outcome.format == "pt2":
-            _fold_program(outcome, on_phase)
+            _fold_program(outcome, on_phase, check)
         else:
             options = dict(dict(seed=seed, shapes=dict(shapes or {})), **(check_options or {}))
             _fold_onnx(outcome, check, options, on_phase or (lambda phase: None))
@@ -323,9 +323,9 @@ def _check(original: str, folded: str, labels, report, options: Dict):
     return check(original, folded, labels=labels, report=report, **options)
 
 
-def _fold_program(outcome: FoldOutcome, on_phase) -> None:
+def _fold_program(outcome: FoldOutcome, on_phase, check: bool) -> None:
     """A ``.pt2`` program: the torch front end loads, folds, checks on the program's example
-    inputs (when it carries some) and writes, in one call."""
+    inputs (with ``check`` and when it carries some) and writes, in one call."""
     try:
         from .torch_pass import fold_program_file
     except ImportError:
@@ -336,8 +336,9 @@ def _fold_program(outcome: FoldOutcome, on_phase) -> None:
     outcome.before = {"bytes": _file_bytes([src]), "nodes": None, "ops": None}
     outcome.protected = frozenset({os.path.realpath(src)})
     try:
-        outcome.report = fold_program_file(src, dst)
+        outcome.report = fold_program_file(src, dst, check=check)
     except CheckFailed as exc:
+        outcome.report = getattr(exc, "report", None)  # the CLI prints the fold and its FAIL
         outcome.verdict = _program_verdict(getattr(exc, "verdict", None), outcome)
         raise
     outcome.verdict = _program_verdict(outcome.report.extra.pop("check", None), outcome)

@@ -13,8 +13,9 @@ torch = pytest.importorskip("torch")
 import torch.nn as nn  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from bnfold.errors import InputError  # noqa: E402
+from bnfold.errors import CheckFailed, InputError  # noqa: E402
 from bnfold.torch_pass import fold_exported_program, fold_program_file, load_program  # noqa: E402
+from bnfold.torch_pass import _program  # noqa: E402
 from bnfold.torch_pass._program import safe_sym_expr  # noqa: E402
 from bnfold.verify import compare_outputs  # noqa: E402
 from test_torch_archs import SmallResNet, UNetDecoder, outputs, randomize, seeded  # noqa: E402
@@ -47,6 +48,39 @@ def test_resnet_program_folds_and_matches(tmp_path):
     assert bn_nodes(folded) == 0
     other = seeded(2, 3, 32, 32, seed=9)
     assert compare_outputs(outputs(model, other), outputs(folded.module(), other))
+
+
+def test_no_check_skips_the_run_against_the_original(tmp_path, monkeypatch):
+    save(SmallResNet(), (seeded(2, 3, 32, 32),), tmp_path / "m.pt2")
+    checked = fold_program_file(str(tmp_path / "m.pt2"), str(tmp_path / "f.pt2"))
+    assert checked.extra["check"]["inputs"]["tensors"] == [
+        {"name": "x", "dtype": "float32", "shape": [2, 3, 32, 32], "source": "the program's example input"}]
+    runs = []
+    real = _program._outputs
+    monkeypatch.setattr(_program, "_outputs", lambda *a: runs.append(1) or real(*a))
+    report = fold_program_file(str(tmp_path / "m.pt2"), str(tmp_path / "g.pt2"), check=False)
+    assert runs == [] and "check" not in report.extra and report.n_folded == 13
+    assert not any("example inputs" in n for n in report.notes)
+    assert bn_nodes(load_program(str(tmp_path / "g.pt2"))) == 0
+
+
+def test_a_failed_program_check_carries_its_verdict_and_writes_nothing(tmp_path, monkeypatch):
+    save(SmallResNet(), (seeded(2, 3, 32, 32),), tmp_path / "m.pt2")
+    real = _program.fold_exported_program
+
+    def broken(ep):  # a fold bug: every bias shifted
+        ep, report = real(ep)
+        for name, value in list(ep.state_dict.items()):
+            if name.endswith("bias"):
+                ep.state_dict[name] = nn.Parameter(value + 0.5, requires_grad=False)
+        return ep, report
+
+    monkeypatch.setattr(_program, "fold_exported_program", broken)
+    with pytest.raises(CheckFailed) as info:
+        fold_program_file(str(tmp_path / "m.pt2"), str(tmp_path / "f.pt2"))
+    assert info.value.verdict["passed"] is False and not info.value.verdict["outputs"][0]["passed"]
+    assert info.value.report.n_folded == 13
+    assert not (tmp_path / "f.pt2").exists()
 
 
 def test_decomposed_program_with_grouped_conv_transpose_folds(tmp_path):

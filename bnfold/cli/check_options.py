@@ -59,20 +59,23 @@ def parse_shapes(values: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
 
 
 _OPTIONS = [
-    click.option("--seed", "check_seed", type=int, default=0, show_default=True, help="Seed of the check's random inputs."),
+    click.option("--seed", "check_seed", type=int, default=0, show_default=True,
+                 help="Seed of the check's random inputs. Example: --seed 3"),
     click.option("--shape", "check_shape", multiple=True, metavar="NAME:DIMS",
-                 help="Shape of an input, e.g. x:1x3x224x224, or the value of a dynamic dim, e.g. N:4 "
-                      "(dims written -1 or 0 in the model are dynamic too). Repeatable."),
+                 help="Shape of an input, or the value of a dynamic dim (dims written -1 or 0 in the model are "
+                      "dynamic too). Repeatable. Example: --shape x:1x3x224x224 --shape N:4"),
     click.option("--inputs", "check_inputs", metavar="FILE.npz",
                  help="Real inputs for the check: an .npz with one array per input name (overridable "
-                      "initializers too); batchN/NAME keys give several batches."),
+                      "initializers too); batchN/NAME keys give several batches. Example: --inputs real.npz"),
     click.option("--batches", "check_batches", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="Number of random input batches."),
+                 help="Number of random input batches. Example: --batches 4"),
     click.option("--atol", "check_atol", multiple=True, metavar="VALUE|NAME:VALUE",
                  help="Absolute tolerance for all outputs, or NAME:VALUE for one output. Repeatable. "
-                      "Default: relative to each output's scale, by the precision it is computed in."),
+                      "Default: relative to each output's scale, by the precision it is computed in. "
+                      "Example: --atol 1e-5 --atol logits:1e-3"),
     click.option("--rtol", "check_rtol", type=float, default=None,
-                 help="Relative tolerance for outputs and fold sites (default by precision: 1e-4 for float32 outputs)."),
+                 help="Relative tolerance for outputs and fold sites (default by precision: 1e-4 for float32 "
+                      "outputs). Example: --rtol 1e-3"),
 ]
 
 

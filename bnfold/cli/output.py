@@ -89,8 +89,7 @@ def check_line(outcome, checked: bool, dry_run: bool) -> str:
     worst = _worst_rel(outputs)
     if v.get("passed"):
         where = f"{len(outputs)} output(s)" + (f" and {len(sites)} fold site(s)" if sites else "")
-        anyway = " (a .pt2 is always checked)" if outcome.format == "pt2" and not checked else ""
-        return f"check: {green('PASS')}, {where} match (max rel error {worst:.2g}){anyway}"
+        return f"check: {green('PASS')}, {where} match (max rel error {worst:.2g})"
     details = []  # the sites first: they say where the fold went wrong
     bad_sites = [s for s in sites if not s.get("passed")]
     if bad_sites:
@@ -190,7 +189,8 @@ def check_details(verdict: Optional[Dict]) -> List[str]:
     inputs = (verdict.get("inputs") or {}).get("tensors") or []
     if inputs:
         feed = ", ".join(f"{t['name']} [{'x'.join(map(str, t['shape']))}]" for t in inputs)
-        lines.append(f"  inputs: {feed}; seed {verdict['inputs'].get('seed')}")
+        seed = verdict["inputs"].get("seed")
+        lines.append(f"  inputs: {feed}" + (f"; seed {seed}" if seed is not None else f" ({inputs[0].get('source')})"))
     lines.extend(f"  note: {n}" for n in verdict.get("notes") or [])
     return lines
 

@@ -49,19 +49,25 @@ def _echo_report(text: str, json_path: Optional[str]) -> None:
 @click.argument("original", metavar="ORIGINAL")
 @click.argument("folded", metavar="FOLDED")
 @with_check_options
-@click.option("--range", "value_range", metavar="LO,HI", help="Uniform float inputs in [LO,HI) (and ints in it) instead of standard normal.")
+@click.option("--range", "value_range", metavar="LO,HI",
+              help="Uniform float inputs in [LO,HI) (and ints in it) instead of standard normal. Example: --range 0,1")
 @click.option("--report", "report_path", metavar="FOLD.json",
               help="The fold's JSON report (bnfold ... --json): also compare the tensor at every fold site, "
-                   "and name the fold that differs.")
-@click.option("--save-inputs", metavar="FILE.npz", help="Write the inputs fed (replay them with --inputs).")
-@click.option("--save-outputs", metavar="FILE.npz", help="Write both models' outputs (and fold-site tensors).")
+                   "and name the fold that differs. Example: --report fold.json")
+@click.option("--save-inputs", metavar="FILE.npz",
+              help="Write the inputs fed (replay them with --inputs). Example: --save-inputs in.npz")
+@click.option("--save-outputs", metavar="FILE.npz",
+              help="Write both models' outputs (and fold-site tensors). Example: --save-outputs out.npz")
 @click.option("--ort-opt", type=_OPT_CHOICE, default="disable", show_default=True,
-              help="onnxruntime graph optimization level for both models.")
+              help="onnxruntime graph optimization level for both models. Example: --ort-opt all")
 @click.option("--provider", type=_PROVIDER_CHOICE, default="cpu", show_default=True,
-              help="cuda needs onnxruntime-gpu and a GPU (TF32 is turned off).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--json", "json_path", metavar="FILE", help="Write the full report as JSON (- for stdout).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+              help="onnxruntime execution provider; cuda needs onnxruntime-gpu and a GPU (TF32 is turned off). "
+                   "Example: --provider cuda")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads. Example: --threads 1")
+@click.option("--json", "json_path", metavar="FILE",
+              help="Write the full report as JSON (- for stdout). Example: --json check.json")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line. Example: -q")
 @handles_errors
 def check(original, folded, check_opts, value_range, report_path, save_inputs, save_outputs, ort_opt, provider, threads,
           json_path, quiet):
@@ -121,17 +127,24 @@ def _read_report(path: str) -> Dict[str, Any]:
 @click.argument("model", metavar="MODEL")
 @click.argument("other", metavar="[OTHER]", required=False)
 @click.option("--levels", default="disable,all", show_default=True, metavar="L1,L2",
-              help="onnxruntime optimization levels to measure: disable, basic, extended, all.")
-@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model and level.")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+              help="onnxruntime optimization levels to measure: disable, basic, extended, all. Example: --levels all")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed runs per model and level. Example: --runs 200")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed runs first. Example: --warmup 10")
 @click.option("--sessions", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Session creations timed per model and level (median and min-max reported).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: ORT's choice).")
-@click.option("--provider", type=_PROVIDER_CHOICE, default="cpu", show_default=True)
-@click.option("--shape", "shape", multiple=True, metavar="NAME:DIMS", help="Input shape, e.g. x:8x3x224x224. Repeatable.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
-@click.option("--json", "json_path", metavar="FILE", help="Write all timings as JSON (- for stdout).")
+              help="Session creations timed per model and level (median and min-max reported). Example: --sessions 3")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: ORT's choice). Example: --threads 4")
+@click.option("--provider", type=_PROVIDER_CHOICE, default="cpu", show_default=True,
+              help="onnxruntime execution provider; cuda needs onnxruntime-gpu and a GPU. Example: --provider cuda")
+@click.option("--shape", "shape", multiple=True, metavar="NAME:DIMS",
+              help="Shape of an input, or the value of a dynamic dim. Repeatable. Example: --shape x:8x3x224x224")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs. Example: --seed 1")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal). Example: --no-progress")
+@click.option("--json", "json_path", metavar="FILE",
+              help="Write all timings as JSON (- for stdout). Example: --json bench.json")
 @handles_errors
 def bench(model, other, levels, runs, warmup, sessions, threads, provider, shape, seed, progress, json_path):
     """Measure onnxruntime latency of MODEL, or of MODEL and OTHER side by side (interleaved).

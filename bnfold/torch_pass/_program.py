@@ -457,13 +457,30 @@ def _outputs(ep, example_inputs) -> Dict[str, np.ndarray]:
     return {f"output_{i}": to_numpy(v) for i, v in enumerate(leaves)}
 
 
-def fold_program_file(src_path: str, dst_path: Optional[str]) -> FoldReport:
+def _input_infos(ep, example_inputs) -> List[Dict[str, object]]:
+    """Name, dtype and shape of each example input tensor, like the ONNX check's ``inputs.tensors``."""
+    from torch.export.graph_signature import InputKind
+    from torch.utils._pytree import tree_flatten
+
+    leaves = tree_flatten(tuple(example_inputs))[0]
+    names = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind == InputKind.USER_INPUT and hasattr(s.arg, "name")]  # fmt: skip
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+    if len(names) != len(tensors):
+        names = [f"input_{i}" for i in range(len(tensors))]
+    return [dict(name=name, dtype=str(t.dtype).replace("torch.", ""), shape=list(t.shape),
+                 source="the program's example input") for name, t in zip(names, tensors)]  # fmt: skip
+
+
+def fold_program_file(src_path: str, dst_path: Optional[str], check: bool = True) -> FoldReport:
     """Fold a ``.pt2`` program written by ``torch.export.save`` into ``dst_path`` (None: report only).
 
-    The input is screened and loaded without unpickling (see the module docstring). When the
-    program carries example inputs, the folded program is run against the original on them
-    (bnfold's tolerance rule) before anything is written. Raises InputError (unreadable or
-    unsafe input), OutputError, or CheckFailed (nothing written).
+    The input is screened and loaded without unpickling (see the module docstring). With
+    ``check`` (the default) and when the program carries example inputs, the folded program is
+    run against the original on them (bnfold's tolerance rule) before anything is written; the
+    verdict dict is ``report.extra["check"]``; on a mismatch the CheckFailed carries ``verdict``
+    and ``report``.
+    Raises InputError (unreadable or unsafe input), OutputError, or CheckFailed (nothing written).
     """
     from ..onnx_io import check_output_path, staged_output
     from ..verify import compare_outputs
@@ -471,15 +488,19 @@ def fold_program_file(src_path: str, dst_path: Optional[str]) -> FoldReport:
     if dst_path is not None:
         check_output_path(dst_path, {os.path.realpath(src_path)})  # before the work
     ep = load_program(src_path)
-    examples = getattr(ep, "example_inputs", None)
+    examples = getattr(ep, "example_inputs", None) if check else None
     expected = _outputs(ep, examples) if examples else None
+    inputs = _input_infos(ep, examples) if examples else []
     ep, report = fold_exported_program(ep)
     if expected is not None:
-        verdict = compare_outputs(expected, _outputs(ep, examples))
-        report.extra["check"] = verdict.to_dict()
-        if not verdict:
-            raise CheckFailed(f"{src_path}: the folded program does not match the original; nothing written")
-    else:
+        verdict = compare_outputs(expected, _outputs(ep, examples)).to_dict()
+        verdict["inputs"]["tensors"] = inputs
+        report.extra["check"] = verdict
+        if not verdict["passed"]:
+            exc = CheckFailed(f"{src_path}: the folded program does not match the original; nothing written")
+            exc.verdict, exc.report = verdict, report
+            raise exc
+    elif check:
         report.notes.append("the program carries no example inputs; the fold was not run against the original")
     if dst_path is not None:
         with staged_output(dst_path, protect={os.path.realpath(src_path)}) as staged:
