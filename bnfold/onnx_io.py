@@ -404,16 +404,16 @@ def write_model(model: ModelProto, path: str, external: Optional[bool] = None) -
 
 def check_output_path(path: str, protect: Set[str] = frozenset(), protected: str = "the input model or its data") -> None:
     """Refuse an output path that cannot be written or would overwrite a protected file
-    (``protected`` says what those files are, for the message)."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
+    (``protected`` says what those files are, for the message). Messages show ``path`` as given."""
+    shown = os.fspath(path)
+    path = os.path.abspath(shown)
     if os.path.isdir(path):
-        raise OutputError(f"{path}: is a directory")
-    if not os.path.isdir(folder):
-        raise OutputError(f"{folder}: output folder does not exist")
-    for target in (path, path + ".data"):
+        raise OutputError(f"{shown}: is a directory")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise OutputError(f"{os.path.dirname(shown) or '.'}: output folder does not exist")
+    for target, shown_target in ((path, shown), (path + ".data", shown + ".data")):
         if os.path.realpath(target) in protect:
-            raise OutputError(f"{target}: would overwrite {protected}; choose another path")
+            raise OutputError(f"{shown_target}: would overwrite {protected}; choose another path")
 
 
 @contextlib.contextmanager

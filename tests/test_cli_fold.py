@@ -304,3 +304,14 @@ def test_output_same_as_input_is_refused(model_file):
     assert_clean_failure(result, EXIT_OUTPUT)
     assert model_file.read_bytes() == before
     assert sorted(p.name for p in model_file.parent.iterdir()) == ["model.onnx"]
+
+
+def test_output_errors_show_the_path_as_typed(model_file, monkeypatch):
+    """The README: paths are printed as you typed them, in output errors too (not made absolute)."""
+    monkeypatch.chdir(model_file.parent)
+    result = invoke("model.onnx", "-o", "model.onnx")
+    assert_clean_failure(result, EXIT_OUTPUT)
+    assert result.stderr.startswith("bnfold: error: model.onnx: would overwrite"), result.stderr
+    result = invoke("model.onnx", "-o", os.path.join("missing", "f.onnx"))
+    assert_clean_failure(result, EXIT_OUTPUT)
+    assert result.stderr.startswith("bnfold: error: missing: output folder does not exist"), result.stderr
