@@ -443,6 +443,8 @@ def fold_many(
         _run_here(jobs, options, finish, stopped)
     else:
         _run_in_pool(jobs, workers, options, results, finish, stopped)
+    if len(results) < len(jobs):  # a job stopped by a SIGINT this process did not see
+        raise stopped()
     return [results[i] for i in range(len(jobs))]
 
 
@@ -482,7 +484,8 @@ def _run_here(jobs, options, finish, stopped) -> None:
 
     global _INTERRUPT
     _INTERRUPT = _Interrupt()
-    catch = threading.current_thread() is threading.main_thread()
+    # a process started with SIGINT ignored (`bnfold ... &` from a script) keeps ignoring it
+    catch = threading.current_thread() is threading.main_thread() and not _sigint_ignored()
     previous = signal.signal(signal.SIGINT, _INTERRUPT.handler) if catch else None
     try:
         for i, (src, dst) in enumerate(jobs):
@@ -502,7 +505,8 @@ def _run_in_pool(jobs, workers: int, options, results, finish, stopped) -> None:
 
     context = multiprocessing.get_context()
     stop = context.Event()
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(stop,))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                               initargs=(stop, _sigint_ignored()))
     futures = {pool.submit(_job, src, dst, options): i for i, (src, dst) in enumerate(jobs)}
     try:
         for future in as_completed(futures):
@@ -528,9 +532,15 @@ def _stop_pool(pool, stop) -> None:
         pass
 
 
-def _worker_init(stop) -> None:
+def _sigint_ignored() -> bool:
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def _worker_init(stop, ignored: bool = False) -> None:
     """A worker hears Ctrl-C from the terminal (the whole process group gets SIGINT) or from
-    the parent, which sets ``stop``: both go through :class:`_Interrupt`."""
+    the parent, which sets ``stop``: both go through :class:`_Interrupt`. When the parent
+    ignores SIGINT (started in the background by a script), so do the workers: only the
+    parent's ``stop`` ends their work, at the next phase."""
     import threading
 
     global _INTERRUPT
@@ -538,9 +548,15 @@ def _worker_init(stop) -> None:
 
     def forward() -> None:
         stop.wait()
-        os.kill(os.getpid(), signal.SIGINT)
+        if ignored:
+            _INTERRUPT.requested = True
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    signal.signal(signal.SIGINT, _INTERRUPT.handler)
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGINT, _INTERRUPT.handler)
     threading.Thread(target=forward, daemon=True).start()
 
 

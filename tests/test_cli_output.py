@@ -273,8 +273,9 @@ def test_batch_prints_one_line_per_model_then_a_total(tmp_path, three):
     assert one_error_line(result, EXIT_INPUT) == f"bnfold: error: 1 of 3 model(s) failed: {three[1]}"
 
 
-def _interrupt(tmp_path, jobs: int, whole_group: bool):
-    """Start a batch of 16 models, wait for the first result, send SIGINT, collect the end."""
+def _interrupt(tmp_path, jobs: int, whole_group: bool, sigint=signal.SIG_DFL):
+    """Start a batch of 16 models, wait for the first result, send SIGINT, collect the end.
+    ``sigint``: the disposition bnfold starts with (SIG_IGN: as a script's `bnfold ... &`)."""
     folder = tmp_path / "zoo"
     folder.mkdir()
     for i in range(16):
@@ -282,7 +283,8 @@ def _interrupt(tmp_path, jobs: int, whole_group: bool):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(BNFOLD + [str(folder), "--out-dir", str(out), "-j", str(jobs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))  # fmt: skip
     try:
         first = proc.stdout.readline()
         assert first.startswith("ok "), first + proc.stderr.read()
@@ -311,6 +313,14 @@ def test_ctrl_c_stops_the_batch_and_lists_what_was_written(tmp_path, jobs, whole
     assert listed == on_disk, (stdout, on_disk)  # everything written is listed; nothing half-written
     assert 1 <= len(listed) < 16, stdout  # it stopped: the rest was never folded
     assert "interrupted after" in head
+
+
+def test_a_batch_started_with_sigint_ignored_ignores_it(tmp_path):
+    """`bnfold ... -j 2 &` from a script starts with SIGINT ignored: a SIGINT to the whole group
+    neither stops it nor turns into an internal error (it did: exit 70, KeyError)."""
+    code, stdout, stderr, out, _ = _interrupt(tmp_path, 2, True, sigint=signal.SIG_IGN)
+    assert code == 0, (stdout, stderr)
+    assert len(list(out.rglob("*.onnx"))) == 16, stdout
 
 
 # -- .pt2 ---------------------------------------------------------------------------------------
