@@ -3,7 +3,7 @@
 1. Whole processes, interleaved: ``bnfold MODEL -o OUT`` (default check) vs ``--no-check``;
    medians and the ratio of each round's pair.
 2. One process, phase by phase, what ``bnfold.verify.check`` does after the fold: import
-   onnxruntime; parse each model for its interface (``_interface``); create each session;
+   onnxruntime; parse each model for its interface (``read_interface``); create each session;
    make inputs; run each; compare. Then the same sessions created and run in two threads at
    once, to show how much of that work overlaps (onnxruntime releases the GIL while it runs;
    the session creation figure says whether it does while it loads).
@@ -61,10 +61,10 @@ def phases(model: str) -> None:
             steps.append((label, time.perf_counter() - start))
             return value
 
-        step("import onnxruntime", verify._import_ort)
-        io = step("interface of the original (parse)", lambda: verify._interface(model))
-        step("interface of the folded (parse)", lambda: verify._interface(folded))
-        feeds = step("make inputs", lambda: verify._make_inputs(io, 0, 1, {}, None, None)[0])
+        step("import onnxruntime", verify.runner.import_ort)
+        io = step("interface of the original (parse)", lambda: verify.read_interface(model))
+        step("interface of the folded (parse)", lambda: verify.read_interface(folded))
+        feeds = step("make inputs", lambda: verify.make_feeds(io, seed=0, batches=1)[0])
         ro = step("session: original", lambda: verify.OrtRunner(model, label="o"))
         rf = step("session: folded", lambda: verify.OrtRunner(folded, label="f"))
         eo = step("run: original", lambda: ro.run(feeds[0]))
