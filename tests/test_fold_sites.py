@@ -276,6 +276,7 @@ def test_fold_command_folds_saturated_model_with_default_check(tmp_path):
     again = CliRunner().invoke(main, ["check", str(src), str(dst), "--report", str(js)])
     assert again.exit_code == EXIT_OK, again.output
     assert "fold sites:" in again.output
+    assert "fold site(s) match" in again.output.splitlines()[0], again.output  # the headline counts them too
 
 
 def test_check_command_names_the_wrong_fold(tmp_path):

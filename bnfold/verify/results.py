@@ -153,7 +153,7 @@ class CheckResult:
     def summary(self) -> str:
         n = len(self.outputs)
         if self.passed:
-            head = f"PASS: all {n} output(s) match"
+            head = f"PASS: all {n} output(s)" + (f" and {len(self.sites)} fold site(s)" if self.sites else "") + " match"
         else:
             head = f"FAIL: {len(self.failed_outputs)} of {n} output(s) differ" if self.failed_outputs else "FAIL"
         if self.models:
