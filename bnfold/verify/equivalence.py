@@ -37,7 +37,10 @@ class OriginalSession:
 
         self.original, self.key = original, (ort_opt, provider, threads)
         self._made: Optional[Tuple[Interface, OrtRunner]] = None
-        self._thread = threading.Thread(target=self._make, daemon=True)
+        # not a daemon: a process that exits early (Ctrl-C, a failed fold) waits for the session
+        # to be made; a daemon thread still inside onnxruntime at exit aborts the process
+        # ("terminate called without an active exception", exit -6 instead of 130)
+        self._thread = threading.Thread(target=self._make, daemon=False)
         self._thread.start()
 
     def _make(self) -> None:
