@@ -415,3 +415,18 @@ def defined_names(graph: onnx.GraphProto) -> List[str]:
     names += [t.name for t in graph.initializer]
     names += [o for n in graph.node for o in n.output if o]
     return names
+
+
+def sabotage_conv_fold(monkeypatch) -> None:
+    """Make the conv fold wrong on purpose (channel 0's scale off by 1 %), so a test can show
+    that its oracle notices a wrong fold."""
+    import bnfold.onnx_pass.ops.conv as conv_rule
+
+    real = conv_rule.fold_after
+
+    def off_by_one_percent(weight, bias, a, b, axis, groups=1):
+        a = a.copy()
+        a[0] *= 1.01
+        return real(weight, bias, a, b, axis, groups)
+
+    monkeypatch.setattr(conv_rule, "fold_after", off_by_one_percent)

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 from bnfold.cli import main
 from bnfold.errors import EXIT_INPUT, EXIT_OK, BnfoldError, InputError
 from bnfold.onnx_pass import fold_onnx
-from onnx_models import GraphBuilder, compare_outputs, random_feeds, run_model
+from onnx_models import GraphBuilder, compare_outputs, random_feeds, run_model, sabotage_conv_fold
 
 TIME_LIMIT = 60  # seconds per case, in a child process (a hang fails, it does not block CI)
 RULE_FIX = pytest.mark.xfail(strict=True, reason="rule fix pending (onnx helper)")
@@ -423,16 +423,7 @@ def test_hostile_model_folds_exactly_or_is_left(tmp_path, make, other) -> None:
 
 def test_the_contract_catches_a_wrong_fold(monkeypatch) -> None:
     """outcome() must notice a fold that changes the result (one scale off by 1 %)."""
-    import bnfold.onnx_pass.ops.conv as conv_rule
-
-    real = conv_rule.fold_after
-
-    def off(weight, bias, a, b, axis, groups=1):
-        a = a.copy()
-        a[0] *= 1.01
-        return real(weight, bias, a, b, axis, groups)
-
-    monkeypatch.setattr(conv_rule, "fold_after", off)
+    sabotage_conv_fold(monkeypatch)
     b = GraphBuilder(seed=33)
     model = _finish(b, _conv_bn(b), 3)
     with pytest.raises(AssertionError):

@@ -21,7 +21,7 @@ import onnx
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from onnx_models import GraphBuilder, compare_outputs, random_feeds, run_model
+from onnx_models import GraphBuilder, compare_outputs, random_feeds, run_model, sabotage_conv_fold
 
 EXAMPLES = int(os.environ.get("BNFOLD_PROPERTY_EXAMPLES", "100"))
 # Relative to the largest output magnitude, per dtype (onnx_models.TOLERANCE is for one layer;
@@ -264,17 +264,9 @@ def test_fold_matches_original_or_refuses(built: Built) -> None:
 
 def test_property_catches_a_wrong_fold(monkeypatch) -> None:
     """Sabotage the fold math (one channel's scale off by 1 %): the property must notice."""
-    import bnfold.onnx_pass.ops.conv as conv_rule
     from hypothesis import find
 
-    real = conv_rule.fold_after
-
-    def off_by_one_percent(weight, bias, a, b, axis, groups=1):
-        a = a.copy()
-        a[0] *= 1.01
-        return real(weight, bias, a, b, axis, groups)
-
-    monkeypatch.setattr(conv_rule, "fold_after", off_by_one_percent)
+    sabotage_conv_fold(monkeypatch)
 
     def fails(built: Built) -> bool:
         try:

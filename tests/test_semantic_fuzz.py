@@ -40,7 +40,7 @@ from onnx import TensorProto, helper
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bnfold.onnx_pass import fold_onnx  # noqa: E402
-from onnx_models import GraphBuilder, compare_outputs, random_feeds, run_model  # noqa: E402
+from onnx_models import GraphBuilder, compare_outputs, random_feeds, run_model, sabotage_conv_fold  # noqa: E402
 
 try:  # the generator makes some models onnxruntime refuses (they are skipped): keep its log quiet
     import onnxruntime
@@ -442,16 +442,7 @@ def test_random_valid_graphs_fold_exactly_or_are_left() -> None:
 
 def test_the_oracle_catches_a_wrong_fold(monkeypatch) -> None:
     """Sabotage the conv fold (one channel's scale off by 1 %): some early case must fail."""
-    import bnfold.onnx_pass.ops.conv as conv_rule
-
-    real = conv_rule.fold_after
-
-    def off(weight, bias, a, b, axis, groups=1):
-        a = a.copy()
-        a[0] *= 1.01
-        return real(weight, bias, a, b, axis, groups)
-
-    monkeypatch.setattr(conv_rule, "fold_after", off)
+    sabotage_conv_fold(monkeypatch)
     for seed in range(200):
         try:
             check_case(seed)
