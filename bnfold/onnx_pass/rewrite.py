@@ -62,7 +62,7 @@ class GraphRewrite:
 
     # ------------------------------------------------------------------ reading
 
-    def constant(self, name: str, what: str, through_ops: bool = False, float_only: bool = False) -> np.ndarray:
+    def constant(self, name: str, what: str, float_only: bool = False) -> np.ndarray:
         """The value of ``name`` when it is a constant, else :class:`Refusal` saying why.
 
         Every constant a rule reads comes through here, and from here only through the graph's
@@ -70,8 +70,7 @@ class GraphRewrite:
         Constant nodes, outer-scope constants, and values computed from those alone by
         deterministic default-domain ops (the refusal's reason code says why anything else is
         not a constant). The array is read-only. ``float_only`` refuses an element type that
-        bnfold does not fold (an initializer's before its data is read). ``through_ops`` is
-        accepted for older callers and changes nothing.
+        bnfold does not fold (an initializer's before its data is read).
         """
         added = self._added.get(name)
         stored = self.scope.initializers.get(name)

@@ -35,7 +35,7 @@ def constant_operand(rw: GraphRewrite, node: NodeProto, data: str) -> Optional[T
         return None
     pos = 1 - list(node.input).index(data)
     try:
-        return pos, rw.constant(node.input[pos], f"{node.op_type} operand", through_ops=True)
+        return pos, rw.constant(node.input[pos], f"{node.op_type} operand")
     except Refusal:
         return None
 
