@@ -15,7 +15,6 @@ from typing import Dict, List, Optional
 
 import click
 
-from ..report import REASONS
 
 WIDTH = 99  # default lines stay under 100 columns
 
@@ -220,10 +219,6 @@ def batch_line(outcome, dry_run: bool) -> str:
     return f"{red('FAIL ')} {outcome.source}: {error} [exit {outcome.exit_code}]"
 
 
-def reason_text(code: str) -> str:
-    return REASONS.get(code, code)
-
-
 class Status:
     """A single status line on stderr, redrawn in place, only when stderr is a terminal."""
 
@@ -264,7 +259,6 @@ class BatchProgress(Status):
         super().__init__()
         self.sources = [src for src, _ in jobs]
         self.done = set()
-        self.start = time.perf_counter()
         self.redraw()
 
     def finished(self, outcome) -> None:
