@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import InputError
 from bnfold.onnx_pass import fold_onnx
@@ -255,3 +255,24 @@ def test_shapes_are_not_proven_from_an_overridable_reshape_target(matmul):
     for shp in (override, None):
         feeds = {"shp": shp} if shp is not None else {"shp": np.array([6, 4] if matmul else [2, 4, 16], np.int64)}
         assert_equivalent(model, out, feeds=feeds)
+
+
+def test_a_subgraph_with_a_sparse_initializer_is_indexed():
+    """A sparse tensor is named by its values (SparseTensorProto has no name): reading a
+    subgraph's free names raised AttributeError on one."""
+    vals = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "s")
+    sparse = helper.make_sparse_tensor(vals, numpy_helper.from_array(np.array([0, 3], np.int64), "s_idx"), [4])
+    then_g = helper.make_graph([helper.make_node("Add", ["x", "s"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])], sparse_initializer=[sparse])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4])])
+    g = GraphBuilder(seed=9)
+    g.input("c", [], np.bool_)
+    x = g.input("x", [4])
+    g.node("Mul", [x, g.init("k", np.float32(2.0))], "m", "mul")
+    g.node("If", ["c"], "y", "if", then_branch=then_g, else_branch=else_g)
+    g.output("y")
+    g.output("m")
+    model = g.model(opset=17, check=False)
+    folded, report = fold_onnx(model)  # must not raise
+    assert report.n_folded == 0

@@ -173,21 +173,6 @@ def _node_label(node) -> str:
     return f"{node.op_type} '{node.name}'" if node.name else f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
-def _free_names(graph) -> Set[str]:
-    """Names a subgraph reads from enclosing scopes."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.values.name for t in graph.sparse_initializer}
-    used: Set[str] = set()
-    for node in graph.node:
-        defined.update(node.output)
-        used.update(node.input)
-        for sub in _subgraphs(node):
-            used |= _free_names(sub)
-    used.update(o.name for o in graph.output)
-    used.discard("")
-    return used - defined
-
-
 def _subgraphs(node):
     for a in node.attribute:
         if a.type == _A_GRAPH:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
+import numpy as np
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper
 
 from ..affine import Refusal
@@ -41,7 +42,7 @@ def subgraphs(node: NodeProto) -> Iterator[Tuple[str, GraphProto]]:
 def free_names(graph: GraphProto) -> Set[str]:
     """Names a subgraph reads from enclosing scopes (used but not defined inside it)."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.name for t in graph.sparse_initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}  # a sparse tensor is named by its values
     used: Set[str] = set()
     for node in graph.node:
         defined.update(node.output)
