@@ -83,9 +83,7 @@ class GraphRewrite:
             value = self.resolver.value(name, what)
             if name in self.scope.initializers:
                 self.resolver.forget(name)  # weights are read again when needed, not kept in memory
-        if float_only and value.dtype not in _FLOAT_DTYPES:
-            raise Refusal("unsupported-dtype", f"{what} '{name}' has element type {_type_name(value.dtype)}")
-        return value
+        return check_float(value, name, what) if float_only else value
 
     def producer(self, name: str) -> Optional[NodeProto]:
         return self.index.producer.get(name)
@@ -245,6 +243,14 @@ class GraphRewrite:
 
 
 _FLOAT_DTYPES = {np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in FLOAT_TYPES}
+
+
+def check_float(value: np.ndarray, name: str, what: str) -> np.ndarray:
+    """``value`` when its element type is one bnfold folds (float16/32/64, bfloat16), else
+    :class:`Refusal` (``unsupported-dtype``)."""
+    if value.dtype not in _FLOAT_DTYPES:
+        raise Refusal("unsupported-dtype", f"{what} '{name}' has element type {_type_name(value.dtype)}")
+    return value
 
 
 def _type_name(dtype) -> str:

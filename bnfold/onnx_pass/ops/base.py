@@ -14,17 +14,13 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper
+from onnx import NodeProto
 
 from ...affine import Refusal
-from ..graph import FLOAT_TYPES
 from ..layout import Axis
 from ..rewrite import GraphRewrite
 
 Edit = Callable[[], Optional[NodeProto]]  # writes a planned fold; an after-edit returns the head node
-
-_FLOAT_DTYPES = {np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in FLOAT_TYPES}
-
 
 class LinearOp:
     """One Conv, ConvTranspose, Gemm or MatMul node; subclasses fill in the weight layout."""
@@ -74,17 +70,6 @@ class LinearOp:
 def float_constant(rw: GraphRewrite, name: str, what: str) -> np.ndarray:
     """The constant behind ``name``; refuse one whose element type bnfold does not fold."""
     return rw.constant(name, what, float_only=True)
-
-
-def check_float(value: np.ndarray, name: str, what: str) -> np.ndarray:
-    """``value`` when its element type is one bnfold folds (float16/32/64, bfloat16)."""
-    if value.dtype not in _FLOAT_DTYPES:
-        try:
-            type_name = TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(value.dtype))
-        except (KeyError, ValueError, TypeError):
-            type_name = str(value.dtype)
-        raise Refusal("unsupported-dtype", f"{what} '{name}' has element type {type_name}")
-    return value
 
 
 def constant_2d(rw: GraphRewrite, name: str, what: str) -> np.ndarray:

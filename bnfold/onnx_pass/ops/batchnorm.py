@@ -20,7 +20,8 @@ from onnx import NodeProto
 from ...affine import Refusal, bn_coefficients, cast_back
 from ..graph import attr
 from ..rewrite import GraphRewrite
-from .base import Edit, check_float
+from ..rewrite import check_float
+from .base import Edit
 
 
 @dataclass
