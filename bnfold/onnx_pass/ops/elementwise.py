@@ -26,10 +26,15 @@ from ..rewrite import GraphRewrite
 ELEMENTWISE_OPS = {"Mul", "Add", "Sub", "Div"}
 
 
+def is_elementwise(node: NodeProto) -> bool:
+    """A default-domain Mul/Add/Sub/Div with its two operands."""
+    return node.op_type in ELEMENTWISE_OPS and node.domain in ("", "ai.onnx") and len(node.input) == 2
+
+
 def constant_operand(rw: GraphRewrite, node: NodeProto, data: str) -> Optional[Tuple[int, np.ndarray]]:
     """``(position, value)`` of the constant operand when ``node`` is ``data`` op constant;
     None when ``node`` is no such op (then it is no fold candidate at all)."""
-    if node.op_type not in ELEMENTWISE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if not is_elementwise(node):
         return None
     if list(node.input).count(data) != 1:
         return None

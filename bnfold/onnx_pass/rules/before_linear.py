@@ -31,7 +31,7 @@ from ...affine import Refusal
 from ..graph import attr, node_label
 from ..ops import is_linear, linear_op
 from ..ops.batchnorm import read_bn
-from ..ops.elementwise import ELEMENTWISE_OPS, constant_operand, per_channel
+from ..ops.elementwise import constant_operand, is_elementwise, per_channel
 from ..rewrite import GraphRewrite
 from . import Outcome
 
@@ -60,7 +60,7 @@ def fold_before_linear(rw: GraphRewrite, bn: NodeProto) -> Outcome:
 def fold_elementwise_before_linear(rw: GraphRewrite, node: NodeProto) -> Optional[Outcome]:
     """Fold a Mul/Add/Sub/Div by a constant into the linear ops reading it; None when it is no
     candidate (not such an op, or not read by linear ops only)."""
-    if node.op_type not in ELEMENTWISE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if not is_elementwise(node):
         return None
     y = node.output[0] if node.output else ""
     users = list(rw.consumers(y)) if y else []

@@ -18,7 +18,7 @@ import numpy as np
 from onnx import NodeProto
 
 from ..graph import subgraphs
-from ..ops.elementwise import ELEMENTWISE_OPS, constant_operand
+from ..ops.elementwise import constant_operand, is_elementwise
 from ..rewrite import GraphRewrite
 from . import Outcome
 
@@ -32,7 +32,7 @@ _COMMUTATIVE = {"Mul", "Add"}
 
 def remove_noop(rw: GraphRewrite, node: NodeProto) -> Optional[Outcome]:
     """Remove ``node`` when it is an elementwise no-op; None otherwise."""
-    if node.op_type not in ELEMENTWISE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if not is_elementwise(node):
         return None
     if len(node.output) != 1 or not node.output[0]:
         return None
