@@ -23,10 +23,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ..affine import Refusal, fold_before
+from ..affine import Refusal
 from ..report import FoldReport
 from ._kinds import bn_kind_why, producer_kind
-from ._math import bn_affine, cast_back, from_numpy, numpy_dtype, same_layout, to64
+from ._math import bn_affine, fold_tensors
 from ._observe import RANKS_META
 
 RETRY = ("no-linear-producer", "producer-has-other-consumers")
@@ -61,13 +61,7 @@ def _consumer(node: torch.fx.Node, modules) -> Optional[torch.fx.Node]:
 
 def _fold(bn: nn.Module, linear: nn.Module, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     a, b = bn_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, eps)
-    w64, c64 = fold_before(to64(linear.weight), to64(linear.bias), a, b, in_axis=1)
-    dtype = numpy_dtype(linear.weight.dtype)
-    if linear.bias is not None and linear.bias.dtype != linear.weight.dtype:
-        raise Refusal("unsupported-dtype", "the Linear's bias dtype differs from its weight's")
-    w = from_numpy(cast_back(w64, dtype, "Linear weight"), linear.weight.dtype, linear.weight.device)
-    c = from_numpy(cast_back(c64, dtype, "Linear bias"), linear.weight.dtype, linear.weight.device)
-    return same_layout(w, linear.weight), c
+    return fold_tensors(linear.weight, linear.bias, a, b, 1, 1, "the Linear", before=True)
 
 
 def fold_bn_before_linear(root: nn.Module, graph: torch.fx.Graph, report: FoldReport, producer_refusal,

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..affine import Refusal, bn_coefficients, cast_back, fold_after
+from ..affine import Refusal, bn_coefficients, cast_back, fold_after, fold_before
 
 
 def numpy_dtype(dtype: torch.dtype):
@@ -77,15 +77,21 @@ def fold_tensors(
     axis: int,
     groups: int,
     name: str,
+    *,
+    before: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The folded ``(weight, bias)`` as tensors like ``weight`` (bias created when None).
+    ``before``: the affine map comes before the op (``axis`` is then its input-channel axis).
 
     Raises Refusal (channel mismatch, non-finite values, overflow of the weight's dtype).
     """
     np_dtype = numpy_dtype(weight.dtype)
     if bias is not None and bias.dtype != weight.dtype:
         raise Refusal("unsupported-dtype", f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
-    w64, c64 = fold_after(to64(weight), to64(bias), a, b, axis, groups)
+    if before:
+        w64, c64 = fold_before(to64(weight), to64(bias), a, b, in_axis=axis, groups=groups)
+    else:
+        w64, c64 = fold_after(to64(weight), to64(bias), a, b, axis, groups)
     w_np = cast_back(w64, np_dtype, f"weight of {name}")  # refuses overflow of the dtype
     c_np = cast_back(c64, np_dtype, f"bias of {name}")
     w_new = from_numpy(w_np, weight.dtype, weight.device)
