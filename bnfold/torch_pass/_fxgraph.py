@@ -33,10 +33,8 @@ from ..report import FoldReport
 from ._functional import bn_call_args, inference_eps
 from ._kinds import BNKind, producer_kind, rank_verdict
 from ._math import bn_affine, fold_tensors
+from ._observe import RANKS_META, merged_rank
 from ._shift import shift_after_class
-
-RANK_META = "bnfold_rank"  # node.meta key: the merged output rank over every example
-
 
 def _attr(root: nn.Module, target: str):
     owner, _, name = target.rpartition(".")
@@ -125,9 +123,10 @@ def _refusal(root: nn.Module, node: torch.fx.Node, calls: Counter, producer_refu
     refusal = producer_refusal(src.target, mod)
     if refusal:
         return refusal, None
-    verdict = rank_verdict(pk, BNKind("batch_norm", frozenset({2, 3, 4, 5}), eps), src.meta.get(RANK_META))
+    rank = merged_rank(src.meta.get(RANKS_META, {None}), pk.out_rank)  # over every example
+    verdict = rank_verdict(pk, BNKind("batch_norm", frozenset({2, 3, 4, 5}), eps), rank)
     if verdict == "not-per-channel":
-        return Refusal(verdict, f"{pk.op} gives a {src.meta.get(RANK_META)}-D output whose dim 1 is not its channels"), None
+        return Refusal(verdict, f"{pk.op} gives a {rank}-D output whose dim 1 is not its channels"), None
     if verdict == "shape-unknown":
         return Refusal(verdict, f"{pk.op}+batch_norm: the output rank is unknown; pass example_inputs"), None
     if tensors["running_mean"].numel() != pk.out_channels:

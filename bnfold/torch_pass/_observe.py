@@ -134,11 +134,8 @@ def merged_rank(ranks: set, out_rank: int) -> Optional[int]:
 def _fx_producer_call(node: torch.fx.Node, modules, ranks: set) -> ProducerCall:
     from ._kinds import producer_kind
 
-    from ._fxgraph import RANK_META
-
     pk = producer_kind(modules.get(node.target))
     rank = merged_rank(ranks, pk.out_rank) if pk is not None else None
-    node.meta[RANK_META] = rank
     users = list(node.users)
     follower, detail = None, ""
     if len(users) == 1:
