@@ -148,14 +148,6 @@ def dims_text(dims) -> str:
     return "x".join("?" if d is None else str(d) for d in dims) or "scalar"
 
 
-
-def elem_type_of(dtype: np.dtype) -> int:
-    """The ONNX element type of a numpy dtype (bfloat16 and float8 from ml_dtypes included)."""
-    import onnx
-
-    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-
-
 def is_float_dtype(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16" or dtype.name.startswith("float8")
 

@@ -334,7 +334,7 @@ def stitched(original, feeds: Dict[str, Any], probes: Sequence[str] = ()):
     ``name + MAGNITUDE``: the same op applied to |input| and |weight| without bias."""
     from onnx import helper
 
-    from .interface import elem_type_of
+    from ..onnx_proto import np_dtype_to_tensor_dtype
 
     proto = copy.deepcopy(original)
     graph = proto.graph
@@ -364,5 +364,5 @@ def stitched(original, feeds: Dict[str, Any], probes: Sequence[str] = ()):
     del graph.value_info[:]
     graph.value_info.extend(keep)
     for name, value in feeds.items():
-        graph.input.append(helper.make_tensor_value_info(name, elem_type_of(value.dtype), None))
+        graph.input.append(helper.make_tensor_value_info(name, np_dtype_to_tensor_dtype(value.dtype), None))
     return proto
