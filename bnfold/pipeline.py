@@ -391,15 +391,15 @@ def collect_jobs(inputs: Sequence[str], out_dir: Optional[str]) -> List[Tuple[st
             jobs.extend((path, os.path.join(base, os.path.relpath(path, item))) for path in found)
         else:
             jobs.append((item, os.path.join(base, os.path.basename(item))))
+    if out_dir is None:  # a dry run writes nothing, so no two outputs can clash
+        return [(src, None) for src, _ in jobs]
     seen: Dict[str, str] = {}
     for src, dst in jobs:
         key = os.path.abspath(dst)
         if key in seen:
-            if out_dir is None:
-                continue
             raise InputError(f"{seen[key]} and {src} would both be written to {dst}")
         seen[key] = src
-    return [(src, dst if out_dir is not None else None) for src, dst in jobs]
+    return jobs
 
 
 def _onnx_files(folder: str) -> Iterable[str]:

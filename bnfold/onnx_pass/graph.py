@@ -115,10 +115,6 @@ class GraphIndex:
             reads |= free_names(sub)
         return reads
 
-    def sole_consumer(self, name: str) -> Optional[NodeProto]:
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 else None
-
     def rename_output(self, node: NodeProto, old: str, new: str) -> None:
         """Make ``node`` produce ``new`` instead of ``old`` (the rewrites' one index update)."""
         for i, out in enumerate(node.output):
